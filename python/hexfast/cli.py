@@ -1,0 +1,237 @@
+"""The `hexfast` command.
+
+Errors are one line, `hexfast: error: FILE: problem`, exit code 2; `--debug`
+shows the traceback instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import HexfastError
+from .outputs import prepare_output_dir, write_tiles_h5, write_tissue_png
+from .slide import Slide, open_slide
+from .tiling import DEFAULT_MIN_TISSUE, TissueParams, tile_slide
+
+EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"'{text}' must be a positive number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be within [0, 1]")
+    return value
+
+
+def _threshold(text: str) -> int | str | None:
+    if text in ("auto", "otsu"):
+        return None if text == "auto" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither 'otsu' nor a whole number") from None
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"'{text}' must be within 0..255")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    mpp = argparse.ArgumentParser(add_help=False)
+    mpp.add_argument(
+        "--mpp", type=_positive_float, help="µm per level-0 pixel; overrides the slide's metadata"
+    )
+
+    parser = _Parser(prog="hexfast", description=__doc__.splitlines()[0], parents=[common])
+    parser.add_argument("--version", action="version", version=f"hexfast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    info = sub.add_parser("info", parents=[common, mpp], help="print a slide's metadata")
+    info.add_argument("slides", nargs="+", type=Path, metavar="SLIDE")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(run=cmd_info)
+
+    tiles = sub.add_parser(
+        "tiles",
+        parents=[common, mpp],
+        help="detect tissue and write the tile grid (<stem>.h5) and a check image (<stem>.tissue.png)",
+    )
+    tiles.add_argument("slides", nargs="+", type=Path, metavar="SLIDE")
+    tiles.add_argument("-o", "--out", type=Path, required=True, help="output directory")
+    tiles.add_argument(
+        "--stride", type=_positive_int, help="level-0 px between tiles (default: the tile size, no overlap)"
+    )
+    tiles.add_argument(
+        "--min-tissue",
+        type=_fraction,
+        default=DEFAULT_MIN_TISSUE,
+        help=f"keep tiles at least this fraction tissue (default {DEFAULT_MIN_TISSUE})",
+    )
+    tiles.add_argument(
+        "--saturation-threshold",
+        type=_threshold,
+        default="auto",
+        metavar="auto|otsu|N",
+        help="HSV saturation above which a pixel is tissue: auto (default) is Otsu clamped to [8, 20], "
+        "otsu is plain Otsu, N a fixed value (CLAM uses 8)",
+    )
+    tiles.set_defaults(run=cmd_tiles)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("hexfast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        _error(e)
+        return EXIT_ERROR
+
+
+def _error(e: BaseException) -> None:
+    if isinstance(e, HexfastError):
+        print(f"hexfast: error: {e}", file=sys.stderr)
+    else:  # a bug, not bad input: still one line, the traceback is one flag away
+        print(f"hexfast: internal error: {type(e).__name__}: {e} (rerun with --debug)", file=sys.stderr)
+
+
+def _warn(message: str) -> None:
+    print(f"hexfast: WARNING: {message}", file=sys.stderr)
+
+
+def _for_each_slide(args, work) -> int:
+    """Runs `work(path)` per slide; a failed slide is reported and the others go on."""
+    failed = 0
+    for path in args.slides:
+        try:
+            work(path)
+        except Exception as e:
+            if args.debug:
+                raise
+            _error(e)
+            failed += 1
+    return EXIT_ERROR if failed else 0
+
+
+def slide_info(slide: Slide) -> dict:
+    return {
+        "path": str(slide.path),
+        "vendor": slide.vendor,
+        "dimensions": list(slide.dimensions),
+        "levels": [
+            {"dimensions": list(d), "downsample": ds}
+            for d, ds in zip(slide.level_dimensions, slide.level_downsamples)
+        ],
+        "mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "objective_power": slide.objective_power,
+        "magnification": slide.tile.magnification,
+        "tile_size_level0": slide.tile.size,
+        "tile_um": slide.tile.size * slide.mpp,
+        "in_reference_bucket": slide.tile.in_reference_bucket,
+    }
+
+
+def cmd_info(args) -> int:
+    def work(path: Path) -> None:
+        with open_slide(path, args.mpp) as slide:
+            info = slide_info(slide)
+        if args.json:
+            print(json.dumps(info))
+            return
+        w, h = info["dimensions"]
+        print(f"{info['path']}")
+        print(f"  vendor          {info['vendor']}")
+        print(f"  dimensions      {w} x {h} px")
+        for i, level in enumerate(info["levels"]):
+            lw, lh = level["dimensions"]
+            print(f"  level {i:<9} {lw} x {lh} px (downsample {level['downsample']:.3f})")
+        print(f"  mpp             {info['mpp']:.4f} µm/px (from {info['mpp_source']})")
+        print(f"  objective power {info['objective_power'] or 'unknown'}")
+        print(f"  size on glass   {w * info['mpp'] / 1000:.2f} x {h * info['mpp'] / 1000:.2f} mm")
+        bucket = "" if info["in_reference_bucket"] else " (outside the reference's magnification buckets)"
+        print(
+            f"  HEX tile        {info['tile_size_level0']} px at level 0 = {info['tile_um']:.1f} µm, "
+            f"{info['magnification']:g}x{bucket}"
+        )
+
+    return _for_each_slide(args, work)
+
+
+def tissue_params(threshold: int | str | None) -> TissueParams:
+    if threshold == "otsu":
+        return TissueParams(min_threshold=0, max_threshold=255)
+    return TissueParams(threshold=threshold)
+
+
+def cmd_tiles(args) -> int:
+    out = prepare_output_dir(args.out)
+    params = tissue_params(args.saturation_threshold)
+
+    def work(path: Path) -> None:
+        start = time.perf_counter()
+        with open_slide(path, args.mpp) as slide:
+            if not slide.tile.in_reference_bucket:
+                _warn(
+                    f"{path}: {slide.mpp:.3f} µm/px is outside the reference's magnification buckets; "
+                    f"using {slide.tile.size} px (56 µm) tiles"
+                )
+            grid = tile_slide(slide, stride=args.stride, min_tissue=args.min_tissue, params=params)
+            stem = slide.path.stem
+            write_tiles_h5(out / f"{stem}.h5", slide, grid)
+            write_tissue_png(out / f"{stem}.tissue.png", slide, grid)
+        if len(grid) == 0:
+            _warn(
+                f"{path}: NO TISSUE FOUND (tissue area {grid.tissue.area_mm2:.3f} mm², "
+                f"saturation threshold {grid.tissue.threshold}); wrote an empty tile grid"
+            )
+        seconds = time.perf_counter() - start
+        print(
+            f"{stem}: {len(grid)} tiles, tissue {grid.tissue.area_mm2:.2f} mm², {seconds:.2f} s "
+            f"-> {out / (stem + '.h5')}"
+        )
+
+    return _for_each_slide(args, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
