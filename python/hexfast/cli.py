@@ -69,14 +69,17 @@ def _threshold(text: str) -> int | str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --debug works before or after the subcommand; SUPPRESS keeps the
+    # subcommand's default from overwriting a value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     mpp = argparse.ArgumentParser(add_help=False)
     mpp.add_argument(
         "--mpp", type=_positive_float, help="µm per level-0 pixel; overrides the slide's metadata"
     )
 
-    parser = _Parser(prog="hexfast", description=__doc__.splitlines()[0], parents=[common])
+    parser = _Parser(prog="hexfast", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"hexfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

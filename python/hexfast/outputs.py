@@ -33,12 +33,12 @@ def atomic_output(path: Path):
 
 
 def prepare_output_dir(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise OutputError(out, "output path exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(out, f"cannot create output directory: {e.strerror}") from e
-    if not out.is_dir():
-        raise OutputError(out, "output path exists and is not a directory")
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(out, "output directory is not writable")
     return out
