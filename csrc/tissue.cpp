@@ -84,26 +84,37 @@ int otsu_threshold(const uint8_t* src, size_t n) {
 }
 
 namespace {
-// Separable square max (dilate) or min (erode); pixels outside the image are ignored.
-std::vector<uint8_t> rank_filter(const uint8_t* src, int w, int h, int ksize, bool take_max) {
+// Binary square dilate (any tissue in the window) or erode (all tissue in the
+// window), separable, with sliding counts so the cost does not grow with the
+// window. Pixels outside the image are ignored, as OpenCV does.
+std::vector<uint8_t> binary_rank(const uint8_t* src, int w, int h, int ksize, bool dilate) {
     const int r = ksize / 2;
-    auto pick = [take_max](uint8_t a, uint8_t b) { return take_max ? std::max(a, b) : std::min(a, b); };
+    auto decide = [dilate](int count, int inside) -> uint8_t { return dilate ? count > 0 : count == inside; };
     std::vector<uint8_t> tmp(static_cast<size_t>(w) * h), dst(tmp.size());
-    for (int y = 0; y < h; ++y) {
-        const uint8_t* row = src + static_cast<size_t>(y) * w;
+    for (int y = 0; y < h; ++y) {  // horizontal: count along the row
+        const uint8_t* a = src + static_cast<size_t>(y) * w;
+        uint8_t* b = tmp.data() + static_cast<size_t>(y) * w;
+        int count = 0;  // nonzero pixels in [x - r, x + r] within the row
+        for (int x = 0; x < std::min(r, w); ++x) count += a[x] != 0;
         for (int x = 0; x < w; ++x) {
-            uint8_t v = row[x];
-            for (int xx = std::max(0, x - r); xx <= std::min(w - 1, x + r); ++xx) v = pick(v, row[xx]);
-            tmp[static_cast<size_t>(y) * w + x] = v;
+            if (x + r < w) count += a[x + r] != 0;
+            if (x - r - 1 >= 0) count -= a[x - r - 1] != 0;
+            b[x] = decide(count, std::min(w - 1, x + r) - std::max(0, x - r) + 1);
         }
     }
-    for (int y = 0; y < h; ++y)
-        for (int x = 0; x < w; ++x) {
-            uint8_t v = tmp[static_cast<size_t>(y) * w + x];
-            for (int yy = std::max(0, y - r); yy <= std::min(h - 1, y + r); ++yy)
-                v = pick(v, tmp[static_cast<size_t>(yy) * w + x]);
-            dst[static_cast<size_t>(y) * w + x] = v;
-        }
+    std::vector<int> counts(w, 0);  // vertical: per-column counts, updated a row at a time
+    auto add_row = [&](int y, int sign) {
+        const uint8_t* a = tmp.data() + static_cast<size_t>(y) * w;
+        for (int x = 0; x < w; ++x) counts[x] += sign * a[x];
+    };
+    for (int y = 0; y < std::min(r, h); ++y) add_row(y, +1);
+    for (int y = 0; y < h; ++y) {
+        if (y + r < h) add_row(y + r, +1);
+        if (y - r - 1 >= 0) add_row(y - r - 1, -1);
+        const int inside = std::min(h - 1, y + r) - std::max(0, y - r) + 1;
+        uint8_t* b = dst.data() + static_cast<size_t>(y) * w;
+        for (int x = 0; x < w; ++x) b[x] = decide(counts[x], inside);
+    }
     return dst;
 }
 
@@ -144,9 +155,8 @@ void for_each_component(uint8_t* mask, int w, int h, uint8_t value, bool eight, 
 }  // namespace
 
 std::vector<uint8_t> morph_close(const uint8_t* mask, int w, int h, int ksize) {
-    if (ksize <= 1) return std::vector<uint8_t>(mask, mask + static_cast<size_t>(w) * h);
-    const auto dilated = rank_filter(mask, w, h, ksize, true);
-    return rank_filter(dilated.data(), w, h, ksize, false);
+    const auto dilated = binary_rank(mask, w, h, ksize, true);
+    return binary_rank(dilated.data(), w, h, ksize, false);
 }
 
 void fill_holes(uint8_t* mask, int w, int h, int64_t max_area) {

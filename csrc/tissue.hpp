@@ -30,6 +30,7 @@ struct TissueResult {
 std::vector<uint8_t> hsv_saturation(const uint8_t* rgb, int w, int h);
 std::vector<uint8_t> median_blur(const uint8_t* src, int w, int h, int ksize);
 int otsu_threshold(const uint8_t* src, size_t n);
+// Binary close (nonzero = tissue) with a ksize x ksize square; result is 0/1.
 std::vector<uint8_t> morph_close(const uint8_t* mask, int w, int h, int ksize);
 // Fill background regions (4-connected, not touching the border) smaller than max_area px.
 void fill_holes(uint8_t* mask, int w, int h, int64_t max_area);

@@ -82,13 +82,22 @@ def write_tissue_png(path: Path, slide: Slide, grid: TileGrid, max_side: int = 2
     """Thumbnail with the tissue outline (green) and kept tiles (blue), captioned."""
     img, ds = _display_image(slide, grid, max_side)
     rgb = np.array(img)
+    t = grid.tile_size / ds
+    boxes = [(x, y, x + t - 1, y + t - 1) for x, y in np.asarray(grid.coords, np.float64) / ds]
+    if t < 8:  # outlines would bury the tissue: shade the kept tiles instead
+        shade = Image.new("L", img.size, 0)
+        draw = ImageDraw.Draw(shade)
+        for box in boxes:
+            draw.rectangle(box, fill=255)
+        kept = np.asarray(shade) > 0
+        rgb[kept] = (0.6 * rgb[kept] + 0.4 * np.array(TILE_COLOUR)).astype(np.uint8)
     mask = np.asarray(Image.fromarray(grid.tissue.mask * 255).resize(img.size, Image.Resampling.NEAREST)) > 0
     rgb[_outline(mask, thickness=max(1, round(min(img.size) / 400)))] = TISSUE_COLOUR
     img = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(img)
-    t = grid.tile_size / ds
-    for x, y in np.asarray(grid.coords, np.float64) / ds:
-        draw.rectangle((x, y, x + t - 1, y + t - 1), outline=TILE_COLOUR)
+    if t >= 8:
+        draw = ImageDraw.Draw(img)
+        for box in boxes:
+            draw.rectangle(box, outline=TILE_COLOUR)
     img = _caption(img, _summary_text(slide, grid))
     with _writing(path) as tmp:
         img.save(tmp, format="PNG")

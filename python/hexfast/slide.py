@@ -122,13 +122,20 @@ class Slide:
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3); transparent areas (outside the scan) take the slide's background colour."""
+        return np.asarray(self._read_rgb(location, level, size))
+
+    def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         try:
             rgba = self._osr.read_region(location, level, size)
         except openslide.OpenSlideError as e:
             raise SlideError(self.path, f"cannot read pixels at level {level}, level-0 {location}: {e}") from e
-        return _flatten(rgba, self.background)
+        if rgba.getchannel("A").getextrema()[0] < 255:  # some of it lies outside the scanned area
+            bg = Image.new("RGBA", rgba.size, (*self.background, 255))
+            bg.alpha_composite(rgba)
+            rgba = bg
+        return rgba.convert("RGB")
 
-    def read_reduced(self, downsample: float, max_strip_bytes: int = 64 << 20) -> np.ndarray:
+    def read_reduced(self, downsample: float, max_strip_bytes: int = 8 << 20) -> np.ndarray:
         """The whole slide at `downsample` (level-0 px per output px), box-filtered.
 
         Output pixel (i, j) covers level-0 [i*d, (i+1)*d) x [j*d, (j+1)*d). Reads
@@ -147,18 +154,12 @@ class Slide:
             r1 = min(out_h, r0 + rows)
             y0, y1 = r0 * level_rows_per_out_row, r1 * level_rows_per_out_row  # level px
             ly0, ly1 = math.floor(y0), math.ceil(y1)
-            region = self.read_region((0, round(ly0 * dl)), level, (math.ceil(span_w), ly1 - ly0))
-            strip = Image.fromarray(region).resize(
+            region = self._read_rgb((0, round(ly0 * dl)), level, (math.ceil(span_w), ly1 - ly0))
+            strip = region.resize(
                 (out_w, r1 - r0), Image.Resampling.BOX, box=(0, y0 - ly0, span_w, y1 - ly0)
             )
             out[r0:r1] = np.asarray(strip)
         return out
-
-
-def _flatten(rgba: Image.Image, background: tuple[int, int, int]) -> np.ndarray:
-    bg = Image.new("RGBA", rgba.size, (*background, 255))
-    bg.alpha_composite(rgba)
-    return np.asarray(bg.convert("RGB"))
 
 
 def _open(path: Path) -> openslide.OpenSlide:
