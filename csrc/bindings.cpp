@@ -36,6 +36,8 @@ py::array_t<uint8_t> image_out(std::vector<uint8_t>&& v, int w, int h) { return 
 
 }  // namespace
 
+void bind_stain(py::module_& m);  // stain_bindings.cpp
+
 PYBIND11_MODULE(_core, m) {
     m.doc() = "hexfast C++ core: tissue detection and tile grid";
 
@@ -105,4 +107,5 @@ PYBIND11_MODULE(_core, m) {
         return image_out(std::move(out), w, h);
     });
     m.def("odd_kernel", &odd_kernel, py::arg("um"), py::arg("mpp"));
+    bind_stain(m);
 }

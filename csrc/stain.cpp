@@ -1,0 +1,1 @@
+#include "stain.hpp"
