@@ -36,10 +36,11 @@ py::array_t<uint8_t> image_out(std::vector<uint8_t>&& v, int w, int h) { return 
 
 }  // namespace
 
-void bind_stain(py::module_& m);  // stain_bindings.cpp
+void bind_stain(py::module_& m);   // stain_bindings.cpp
+void bind_stream(py::module_& m);  // stream_bindings.cpp
 
 PYBIND11_MODULE(_core, m) {
-    m.doc() = "hexfast C++ core: tissue detection and tile grid";
+    m.doc() = "hexfast C++ core: tissue detection, tile grid, stain normalisation, TileStream";
 
     m.def(
         "segment_tissue",
@@ -108,4 +109,5 @@ PYBIND11_MODULE(_core, m) {
     });
     m.def("odd_kernel", &odd_kernel, py::arg("um"), py::arg("mpp"));
     bind_stain(m);
+    bind_stream(m);
 }
