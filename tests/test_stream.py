@@ -1,0 +1,180 @@
+"""TileStream: pixels identical to the reference read path, order, resize,
+edges, errors and the lifecycle of its threads."""
+
+from __future__ import annotations
+
+import gc
+import io
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hexfast
+from hexfast.stream import TileStream
+
+
+def reference_tile(slide, xy, size, out=None):
+    """What the HEX reference does: openslide-python read_region → RGB (→ PIL bilinear)."""
+    img = slide._osr.read_region(tuple(int(v) for v in xy), 0, (size, size)).convert("RGB")
+    return np.asarray(img if out is None else img.resize((out, out), Image.Resampling.BILINEAR))
+
+
+@pytest.fixture
+def cmu(cmu_small):
+    with hexfast.open_slide(cmu_small) as slide:
+        yield slide, hexfast.tile_slide(slide)
+
+
+@pytest.mark.parametrize("batch_size, threads", [(16, 2), (7, 1), (64, 3)])
+def test_tiles_equal_reference_in_grid_order(cmu, batch_size, threads):
+    slide, grid = cmu
+    seen = []
+    for coords, tiles in TileStream(slide, grid.coords, batch_size=batch_size, threads=threads):
+        assert tiles.shape[1:] == (112, 112, 3) and tiles.dtype == np.uint8
+        assert len(coords) <= batch_size
+        for xy, tile in zip(coords, tiles):
+            np.testing.assert_array_equal(tile, reference_tile(slide, xy, 112))
+        seen.append(np.array(coords))
+    np.testing.assert_array_equal(np.concatenate(seen), grid.coords)
+
+
+@pytest.mark.parametrize("read_size", [112, 224, 448])
+def test_resize_matches_pil_bilinear(cmu, read_size):
+    slide, grid = cmu
+    coords = grid.coords[:: max(1, len(grid) // 12)][:12]
+    worst = 0
+    for xy_batch, tiles in TileStream(slide, coords, read_size=read_size, out_size=384, batch_size=5):
+        for xy, tile in zip(xy_batch, tiles):
+            diff = np.abs(tile.astype(int) - reference_tile(slide, xy, read_size, out=384))
+            worst = max(worst, diff.max())
+    assert worst <= 1, f"max difference from PIL bilinear: {worst}"
+
+
+def test_edge_tiles_are_black_beyond_the_slide_like_the_reference(cmu):
+    slide, _ = cmu
+    w, h = slide.dimensions
+    coords = np.array([[w - 50, h - 30], [-20, 10]])
+    (_, tiles), = list(TileStream(slide, coords, read_size=112))
+    for xy, tile in zip(coords, tiles):
+        np.testing.assert_array_equal(tile, reference_tile(slide, xy, 112))
+    assert (tiles[0, 40:, 60:] == 0).all()  # beyond both edges
+    assert tiles[0, :20, :40].mean() > 100  # inside: the slide's pixels
+
+
+def test_batches_are_zero_copy_views_recycled_when_dropped(cmu):
+    slide, grid = cmu
+    stream = TileStream(slide, grid.coords, batch_size=8, prefetch=2)
+    it = iter(stream)
+    kept = []
+    for _ in range(2):
+        coords, tiles = next(it)
+        assert not tiles.flags.owndata and not coords.flags.owndata
+        kept.append(tiles)  # the consumer holds both ring buffers...
+    with pytest.raises(hexfast.SlideError, match="held by the consumer"):
+        next(it)  # ...so the stream says so instead of deadlocking
+    stream = TileStream(slide, grid.coords, batch_size=8, prefetch=2)
+    copies = [np.array(tiles) for _, tiles in stream]  # copying, all batches flow
+    assert sum(len(t) for t in copies) == len(grid)
+    del kept
+    gc.collect()
+
+
+def test_empty_grid(cmu):
+    slide, _ = cmu
+    assert list(TileStream(slide, np.zeros((0, 2), np.int64))) == []
+
+
+def test_read_error_names_tile_and_coordinates(fixture_slide):
+    path = fixture_slide("unreadable.svs")
+    with pytest.raises(hexfast.SlideError, match=r"unreadable\.svs: tile 0 at level-0 \(4, 2\): .*Bogus marker"):
+        list(TileStream(path, np.array([[4, 2]]), read_size=8, threads=1, batch_size=1))
+
+
+def write_svs_with_corrupt_tile(path, corrupt_tile: int):
+    """A 4x3-tile Aperio SVS (240-px JPEG tiles) whose tile `corrupt_tile` is garbage."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    tiles = []
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (240, 240, 3), np.uint8)).save(buf, format="JPEG")
+        data = buf.getvalue()
+        tiles.append(data[:200] + b"\xff\xda\x00\x02" + b"\x00" * 64 if i == corrupt_tile else data)
+    desc = "Aperio Image Library v12.0.0 \r\n960x720 [0,0 960x720] (240x240) JPEG/RGB Q=75|AppMag = 40|MPP = 0.25"
+    tifffile.imwrite(path, iter(tiles), shape=(720, 960, 3), dtype=np.uint8, tile=(240, 240),
+                     compression="jpeg", photometric="rgb", description=desc, metadata=None)
+    return path
+
+
+def test_skip_errors_reports_corrupt_tiles_and_keeps_the_rest(tmp_path):
+    path = write_svs_with_corrupt_tile(tmp_path / "corrupt.svs", corrupt_tile=5)  # stored tile (1, 1)
+    coords = np.array([[x, y] for y in range(0, 720, 240) for x in range(0, 960, 240)])
+    with pytest.raises(hexfast.SlideError, match=r"tile 5 at level-0 \(240, 240\)"):
+        list(TileStream(path, coords, read_size=240, threads=2, batch_size=4))
+    stream = TileStream(path, coords, read_size=240, threads=2, batch_size=4, skip_errors=True)
+    got = np.concatenate([np.array(c) for c, _ in stream])
+    np.testing.assert_array_equal(got, np.delete(coords, 5, axis=0))
+    assert [(i, x, y) for i, x, y, _ in stream.skipped] == [(5, 240, 240)]
+
+
+def test_unopenable_slide_fails_at_construction(fixture_slide):
+    with pytest.raises(hexfast.SlideError, match="unopenable.tiff"):
+        TileStream(fixture_slide("unopenable.tiff"), np.array([[0, 0]]), read_size=8)
+
+
+def run_python(code: str, timeout=60, **kwargs):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+STREAM_SETUP = """
+    import numpy as np, hexfast, time
+    from hexfast.stream import TileStream
+    slide = hexfast.open_slide({path!r})
+    coords = np.array([[x, y] for y in range(0, 2800, 16) for x in range(0, 2000, 16)])  # ~22k tiles
+    stream = TileStream(slide, coords, read_size=224, out_size=384, batch_size=16, threads=2, prefetch=3)
+"""
+
+
+def test_early_exit_and_consumer_exception_stop_threads_promptly(cmu_small):
+    code = STREAM_SETUP.format(path=str(cmu_small)) + """
+    import threading
+    for coords, tiles in stream:
+        break                                  # leave early
+    t = time.perf_counter()
+    try:
+        for coords, tiles in TileStream(slide, coords, read_size=224, batch_size=16, threads=2):
+            raise ValueError("consumer failed")
+    except ValueError:
+        pass
+    print("stopped in", time.perf_counter() - t)
+    """
+    start = time.perf_counter()
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - start < 30  # not the ~20 s the whole stream would take
+    assert "stopped in" in r.stdout
+
+
+def test_ctrl_c_stops_the_stream(cmu_small):
+    code = STREAM_SETUP.format(path=str(cmu_small)) + """
+    print("streaming", flush=True)
+    for coords, tiles in stream:
+        pass
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "streaming"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    start = time.perf_counter()
+    _, err = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err
+    assert time.perf_counter() - start < 10
