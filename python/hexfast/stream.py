@@ -12,7 +12,8 @@ the stream starts, whatever the slide size:
 
     prefetch x batch_size x (out_size² x 3 + 16) bytes      the ring
     + threads x read_size² x 7 bytes                         per-worker scratch
-    + cache_mb                                               OpenSlide's tile cache
+    + cache_mb                                               OpenSlide's tile cache (32-512 MB,
+                                                             see default_cache_mb)
 
 Tiles are read at level 0. Pixels beyond the slide's edge come out black,
 exactly as the reference's ``read_region(...).convert("RGB")`` gives them.
@@ -28,9 +29,28 @@ import numpy as np
 
 from . import _core
 from .errors import SlideError
-from .slide import Slide
+from .slide import Slide, open_slide
 
-DEFAULT_CACHE_MB = 64
+CACHE_MB_BOUNDS = (32, 512)
+
+
+def default_cache_mb(slide: Slide) -> int:
+    """Enough of OpenSlide's tile cache for three rows of stored tiles.
+
+    Tiles of 224 px straddle the scanner's 240/256-px stored tiles, so each
+    stored row is needed by two consecutive rows of the grid: keeping three
+    stored rows decoded means each stored tile is decoded about once instead
+    of up to four times. Bounded by CACHE_MB_BOUNDS whatever the slide."""
+    props = slide.properties
+    try:
+        tw = int(props["openslide.level[0].tile-width"])
+        th = int(props["openslide.level[0].tile-height"])
+    except (KeyError, ValueError):  # untiled (stripped) file: no stored-tile structure to follow
+        tw, th = 256, 256
+    width = slide.dimensions[0]
+    row_bytes = -(-width // tw) * tw * th * 4
+    low, high = CACHE_MB_BOUNDS
+    return int(min(high, max(low, 3 * row_bytes / 2**20)))
 
 
 def openslide_library() -> str:
@@ -57,13 +77,16 @@ class TileStream:
         threads: int = 2,
         prefetch: int = 4,
         skip_errors: bool = False,
-        cache_mb: int = DEFAULT_CACHE_MB,
+        cache_mb: int | None = None,
     ):
-        self.path = Path(slide.path if isinstance(slide, Slide) else slide)
-        if read_size is None:
-            if not isinstance(slide, Slide):
-                raise ValueError("read_size is required when `slide` is a path")
-            read_size = slide.tile.size
+        if not isinstance(slide, Slide):
+            with open_slide(slide) as opened:
+                self.__init__(opened, coords, read_size, out_size, batch_size, threads, prefetch, skip_errors,
+                              cache_mb)
+            return
+        self.path = slide.path
+        read_size = slide.tile.size if read_size is None else read_size
+        cache_mb = default_cache_mb(slide) if cache_mb is None else cache_mb
         self.read_size = int(read_size)
         self.out_size = int(out_size or read_size)
         coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)

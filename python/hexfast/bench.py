@@ -1,0 +1,135 @@
+"""Tile-streaming benchmark: hexfast's TileStream against the path users run
+today, on the same tiles, in one run. Each case runs in its own process so its
+peak RSS is its own.
+
+    hexfast bench stream SLIDE [--tiles N]
+
+Cases:
+  reference   openslide-python read_region → PIL RGB → resize 384 bilinear → float normalise (one process)
+  decode      raw decode of the stored JPEG tiles those tiles cover (PIL, one core): the decode limit
+  stream-1/2  TileStream uint8 at 1 and 2 threads
+  macenko     TileStream, 2 threads, Macenko normalisation
+  resize      TileStream, 2 threads, C++ resize to 384
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CASES = ("reference", "decode", "stream-1", "stream-2", "macenko", "resize")
+
+
+def pick_tiles(path: str, n: int) -> tuple[np.ndarray, int]:
+    """The first `n` tissue tiles in grid order (a contiguous band, as a slide run reads them)."""
+    from .slide import open_slide
+    from .tiling import tile_slide
+
+    with open_slide(path) as slide:
+        grid = tile_slide(slide)
+    return grid.coords[:n], grid.tile_size
+
+
+def _reference(path, coords, size):
+    import openslide
+    from PIL import Image
+
+    osr = openslide.OpenSlide(path)
+    for x, y in coords:
+        img = osr.read_region((int(x), int(y)), 0, (size, size)).convert("RGB")
+        img = img.resize((384, 384), Image.Resampling.BILINEAR)
+        (np.asarray(img, np.float32) / 255.0 - 0.5) / 0.5
+
+
+def _decode(path, coords, size):
+    """Decodes every stored tile the grid tiles touch, once each."""
+    import tifffile
+    from PIL import Image
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tw, tl = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        needed = set()
+        for x, y in coords:
+            for ty in range(y // tl, (y + size - 1) // tl + 1):
+                for tx in range(x // tw, (x + size - 1) // tw + 1):
+                    needed.add(int(ty * across + tx))
+        fh = tif.filehandle
+        blobs = []
+        for i in sorted(needed):
+            fh.seek(page.dataoffsets[i])
+            blobs.append(fh.read(page.databytecounts[i]))
+        tables = page.jpegtables
+    start = time.perf_counter()
+    for blob in blobs:
+        if tables:  # abbreviated stream: splice in the shared tables
+            blob = tables[:-2] + blob[2:]
+        Image.open(io.BytesIO(blob)).load()
+    return time.perf_counter() - start, len(blobs)
+
+
+def _stream(path, coords, size, threads, out_size=None, **options):
+    from .slide import open_slide
+    from .stream import TileStream
+
+    with open_slide(path) as slide:
+        stream = TileStream(slide, coords, read_size=size, out_size=out_size, batch_size=64, threads=threads,
+                            **options)
+        for _ in stream:
+            pass
+
+
+def run_case(name: str, path: str, n: int) -> dict:
+    coords, size = pick_tiles(path, n)
+    start = time.perf_counter()
+    extra = {}
+    if name == "reference":
+        _reference(path, coords, size)
+    elif name == "decode":
+        seconds, stored = _decode(path, coords, size)
+        extra = {"stored_tiles": stored, "decode_seconds": seconds}
+    elif name.startswith("stream-"):
+        _stream(path, coords, size, threads=int(name.split("-")[1]))
+    elif name == "macenko":
+        _stream(path, coords, size, threads=2, stain_norm="macenko")
+    elif name == "resize":
+        _stream(path, coords, size, threads=2, out_size=384)
+    else:
+        raise ValueError(f"unknown case {name}")
+    seconds = extra.pop("decode_seconds", time.perf_counter() - start)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"case": name, "tiles": len(coords), "seconds": seconds, "tiles_per_s": len(coords) / seconds,
+            "peak_rss_mib": rss, **extra}
+
+
+def bench_stream(path: str, n: int = 2000, cases=CASES) -> list[dict]:
+    rows = []
+    for name in cases:
+        out = subprocess.run([sys.executable, "-m", "hexfast.bench", name, path, str(n)], capture_output=True,
+                             text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    by = {r["case"]: r for r in rows}
+    ref = by.get("reference", {}).get("tiles_per_s")
+    dec = by.get("decode", {}).get("tiles_per_s")
+    lines = ["| case | tiles/s | × reference | % of decode limit | peak RSS MiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        x = f"{r['tiles_per_s'] / ref:.1f}" if ref else "-"
+        d = f"{100 * r['tiles_per_s'] / dec:.0f}" if dec else "-"
+        note = f" ({r['stored_tiles']} stored tiles)" if "stored_tiles" in r else ""
+        lines.append(f"| {r['case']}{note} | {r['tiles_per_s']:.0f} | {x} | {d} | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_case(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
