@@ -48,11 +48,12 @@ py::object next_batch(const std::shared_ptr<TileStream>& stream) {
 }  // namespace
 
 void bind_stream(py::module_& m) {
+    m.attr("HAVE_JPEG") = tiled_jpeg_available();
     py::class_<TileStream, std::shared_ptr<TileStream>>(m, "TileStream")
         .def(py::init([](const std::string& slide_path, const std::string& library_path,
                          py::array_t<int64_t, py::array::c_style | py::array::forcecast> coords, int64_t read_size,
                          int out_size, int batch_size, int threads, int prefetch, bool skip_errors,
-                         size_t cache_bytes) {
+                         size_t cache_bytes, const std::string& reader) {
                  if (coords.ndim() != 2 || coords.shape(1) != 2) throw py::value_error("coords must be (N, 2)");
                  StreamParams p;
                  p.slide_path = slide_path;
@@ -65,12 +66,13 @@ void bind_stream(py::module_& m) {
                  p.prefetch = prefetch;
                  p.skip_errors = skip_errors;
                  p.cache_bytes = cache_bytes;
+                 p.reader = reader;
                  py::gil_scoped_release nogil;
                  return std::make_shared<TileStream>(std::move(p));
              }),
              py::arg("slide_path"), py::arg("library_path"), py::arg("coords"), py::arg("read_size"),
              py::arg("out_size"), py::arg("batch_size"), py::arg("threads"), py::arg("prefetch"),
-             py::arg("skip_errors"), py::arg("cache_bytes"))
+             py::arg("skip_errors"), py::arg("cache_bytes"), py::arg("reader") = "auto")
         .def("next", &next_batch, "(coords (B, 2) int64, tiles (B, S, S, 3) uint8) in grid order, or None at the end")
         .def("close", [](TileStream& s) {
             py::gil_scoped_release nogil;
@@ -78,6 +80,8 @@ void bind_stream(py::module_& m) {
         })
         .def("__len__", &TileStream::size)
         .def_property_readonly("batches", &TileStream::batches)
+        .def_property_readonly("reader", &TileStream::reader, "'direct' (hexfast decodes the stored JPEG tiles) or 'openslide'")
+        .def_property_readonly("decoded_tiles", &TileStream::decoded_tiles, "stored tiles decoded so far (direct reader)")
         .def_property_readonly("skipped", [](const TileStream& s) {
             py::list out;
             for (const auto& t : s.skipped()) out.append(py::make_tuple(t.index, t.x, t.y, t.message));

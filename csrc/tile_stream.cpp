@@ -44,9 +44,17 @@ TileStream::TileStream(StreamParams params)
     if (p_.out_size != p_.read_size)
         resizer_ = std::make_unique<BilinearResizer>(static_cast<int>(p_.read_size), p_.out_size);
 
-    cache_ = lib_.cache_create(p_.cache_bytes);
+    if (p_.reader != "auto" && p_.reader != "openslide" && p_.reader != "direct")
+        throw std::invalid_argument("reader must be auto, openslide or direct, not " + p_.reader);
     openslide_t* probe = open_handle();  // fail here, in the caller's thread, if the slide cannot be opened
+    try {
+        choose_reader(probe);
+    } catch (...) {
+        lib_.close(probe);
+        throw;
+    }
     lib_.close(probe);
+    if (!direct_) cache_ = lib_.cache_create(p_.cache_bytes);
 
     slots_.resize(std::min<size_t>(p_.prefetch, std::max<size_t>(n_batches_, 1)));
     for (size_t k = 0; k < slots_.size(); ++k) {
@@ -60,6 +68,21 @@ TileStream::TileStream(StreamParams params)
 
 TileStream::~TileStream() { close(); }
 
+void TileStream::choose_reader(openslide_t* probe) {
+    if (p_.reader == "openslide") return;
+    TiledJpegLayout layout;
+    std::string why = tiled_jpeg_available() ? parse_tiled_jpeg(p_.slide_path, layout)
+                                             : std::string("hexfast was built without libjpeg");
+    if (why.empty()) {  // the first IFD must be what OpenSlide calls level 0
+        const char* w = lib_.get_property_value(probe, "openslide.level[0].width");
+        const char* h = lib_.get_property_value(probe, "openslide.level[0].height");
+        if (!w || !h || std::to_string(layout.width) != w || std::to_string(layout.height) != h)
+            why = "the first TIFF directory is not OpenSlide's level 0";
+    }
+    if (why.empty()) direct_ = std::make_unique<TiledJpegReader>(p_.slide_path, std::move(layout), p_.cache_bytes);
+    else if (p_.reader == "direct") throw std::runtime_error("cannot decode this slide's tiles directly: " + why);
+}
+
 openslide_t* TileStream::open_handle() {
     openslide_t* osr = lib_.open(p_.slide_path.c_str());
     if (!osr) throw std::runtime_error("not a slide OpenSlide can open");
@@ -68,7 +91,7 @@ openslide_t* TileStream::open_handle() {
         lib_.close(osr);
         throw std::runtime_error("cannot open slide: " + msg);
     }
-    lib_.set_cache(osr, cache_);
+    if (cache_) lib_.set_cache(osr, cache_);
     return osr;
 }
 
@@ -102,34 +125,46 @@ void TileStream::finish_slot(Slot& s) {
     ready_cv_.notify_all();
 }
 
-std::string TileStream::read_tile(openslide_t*& osr, int64_t index, uint8_t* out, std::vector<uint32_t>& argb,
-                                  std::vector<uint8_t>& rgb, std::vector<uint8_t>& scratch) {
-    const int64_t rs = p_.read_size;
-    try {
-        if (!osr) osr = open_handle();
-    } catch (const std::exception& e) {
-        return e.what();
-    }
-    lib_.read_region(osr, argb.data(), p_.coords[2 * index], p_.coords[2 * index + 1], 0, rs, rs);
-    if (const char* err = lib_.get_error(osr)) {
-        std::string msg = err;
-        lib_.close(osr);  // an OpenSlide handle stays in error once it fails: reopen for the next tile
-        osr = nullptr;
-        return msg;
-    }
+struct TileStream::WorkerState {
+    openslide_t* osr = nullptr;
+    std::shared_ptr<JpegDecoder> jpeg;
+    std::vector<uint32_t> argb;
+    std::vector<uint8_t> rgb, scratch;
+};
+
+std::string TileStream::read_tile(WorkerState& w, int64_t index, uint8_t* out) {
+    const int64_t rs = p_.read_size, x = p_.coords[2 * index], y = p_.coords[2 * index + 1];
     const size_t n = static_cast<size_t>(rs) * rs;
-    uint8_t* pixels = resizer_ ? rgb.data() : out;
-    argb_to_rgb(argb.data(), pixels, n);
+    uint8_t* pixels = resizer_ ? w.rgb.data() : out;
+    if (direct_) {
+        std::string err = direct_->read(*w.jpeg, x, y, rs, pixels);
+        if (!err.empty()) return err;
+    } else {
+        try {
+            if (!w.osr) w.osr = open_handle();
+        } catch (const std::exception& e) {
+            return e.what();
+        }
+        lib_.read_region(w.osr, w.argb.data(), x, y, 0, rs, rs);
+        if (const char* err = lib_.get_error(w.osr)) {
+            std::string msg = err;
+            lib_.close(w.osr);  // an OpenSlide handle stays in error once it fails: reopen for the next tile
+            w.osr = nullptr;
+            return msg;
+        }
+        argb_to_rgb(w.argb.data(), pixels, n);
+    }
     if (p_.transform) p_.transform(pixels, n);
-    if (resizer_) (*resizer_)(pixels, out, scratch);
+    if (resizer_) (*resizer_)(pixels, out, w.scratch);
     return {};
 }
 
 void TileStream::worker() {
     const size_t n = static_cast<size_t>(p_.read_size) * p_.read_size;
-    std::vector<uint32_t> argb(n);
-    std::vector<uint8_t> rgb(resizer_ ? n * 3 : 0), scratch;
-    openslide_t* osr = nullptr;
+    WorkerState w;
+    if (direct_) w.jpeg = TiledJpegReader::make_decoder();
+    else w.argb.resize(n);
+    if (resizer_) w.rgb.resize(n * 3);
     for (;;) {
         size_t index;
         Slot* s;
@@ -143,8 +178,7 @@ void TileStream::worker() {
             if (stop_) break;
         }
         const int pos = static_cast<int>(index % p_.batch_size);
-        std::string err = read_tile(osr, static_cast<int64_t>(index), s->tiles.data() + pos * tile_bytes_, argb, rgb,
-                                    scratch);
+        std::string err = read_tile(w, static_cast<int64_t>(index), s->tiles.data() + pos * tile_bytes_);
         std::lock_guard<std::mutex> lock(mu_);
         if (!err.empty()) {
             const int64_t x = p_.coords[2 * index], y = p_.coords[2 * index + 1];
@@ -162,7 +196,7 @@ void TileStream::worker() {
         }
         if (++s->done == s->count) finish_slot(*s);
     }
-    if (osr) lib_.close(osr);
+    if (w.osr) lib_.close(w.osr);
 }
 
 Batch TileStream::next(const std::function<bool()>& interrupted) {

@@ -5,7 +5,8 @@
 // Memory is fixed at construction, whatever the slide size:
 //   ring:    prefetch x batch x (out_size^2 x 3 + 16) bytes
 //   workers: threads x read_size^2 x 7 bytes (+ resize scratch)
-//   OpenSlide's tile cache: cache_bytes (shared by the workers)
+//   decoded-tile cache: cache_bytes (shared by the workers; OpenSlide's own
+//   cache on the OpenSlide path, hexfast's on the direct-JPEG path)
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "openslide_lib.hpp"
+#include "tiled_jpeg.hpp"
 
 namespace hexfast {
 
@@ -36,6 +38,10 @@ struct StreamParams {
     int prefetch = 4;             // batches in the ring
     bool skip_errors = false;     // skip unreadable tiles (reported) instead of failing
     size_t cache_bytes = 64u << 20;
+    // "auto": decode level 0's stored JPEG tiles directly when the file is a
+    // JPEG-tiled TIFF (and hexfast has libjpeg), else OpenSlide's read_region.
+    // "openslide" / "direct" force one (direct throws when it cannot).
+    std::string reader = "auto";
     TileTransform transform;      // optional
 };
 
@@ -74,6 +80,8 @@ public:
     int out_size() const { return p_.out_size; }
     size_t batches() const { return n_batches_; }
     std::vector<SkippedTile> skipped() const;
+    const char* reader() const { return direct_ ? "direct" : "openslide"; }
+    size_t decoded_tiles() const { return direct_ ? direct_->decoded() : 0; }  // direct reader only
 
 private:
     struct Slot {
@@ -87,13 +95,15 @@ private:
     void worker();
     void assign(Slot& s, int64_t batch);
     void finish_slot(Slot& s);
-    std::string read_tile(openslide_t*& osr, int64_t index, uint8_t* out, std::vector<uint32_t>& argb,
-                          std::vector<uint8_t>& rgb, std::vector<uint8_t>& scratch);
+    struct WorkerState;  // per-thread handles and scratch
+    std::string read_tile(WorkerState& w, int64_t index, uint8_t* out);
     openslide_t* open_handle();
+    void choose_reader(openslide_t* probe);
 
     StreamParams p_;
     const OpenSlideLib& lib_;
     openslide_cache_t* cache_ = nullptr;
+    std::unique_ptr<TiledJpegReader> direct_;
     size_t n_tiles_, n_batches_;
     size_t tile_bytes_;
     std::unique_ptr<class BilinearResizer> resizer_;

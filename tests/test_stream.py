@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,20 @@ def reference_tile(slide, xy, size, out=None):
     return np.asarray(img if out is None else img.resize((out, out), Image.Resampling.BILINEAR))
 
 
+READERS = ["direct", "openslide"]
+
+
+@pytest.fixture(params=READERS)
+def reader(request):
+    """Both read paths must give the reference's pixels. The direct JPEG path
+    needs hexfast built with libjpeg: CI requires it, elsewhere it may skip."""
+    if request.param == "direct" and not hexfast._core.HAVE_JPEG:
+        if os.environ.get("CI") == "true":
+            pytest.fail("hexfast._core was built without libjpeg (libjpeg-turbo headers missing)")
+        pytest.skip("hexfast._core was built without libjpeg: no direct JPEG reader")
+    return request.param
+
+
 @pytest.fixture
 def cmu(cmu_small):
     with hexfast.open_slide(cmu_small) as slide:
@@ -32,10 +47,12 @@ def cmu(cmu_small):
 
 
 @pytest.mark.parametrize("batch_size, threads", [(16, 2), (7, 1), (64, 3)])
-def test_tiles_equal_reference_in_grid_order(cmu, batch_size, threads):
+def test_tiles_equal_reference_in_grid_order(cmu, reader, batch_size, threads):
     slide, grid = cmu
     seen = []
-    for coords, tiles in TileStream(slide, grid.coords, batch_size=batch_size, threads=threads):
+    stream = TileStream(slide, grid.coords, batch_size=batch_size, threads=threads, reader=reader)
+    assert stream.reader == reader
+    for coords, tiles in stream:
         assert tiles.shape[1:] == (112, 112, 3) and tiles.dtype == np.uint8
         assert len(coords) <= batch_size
         for xy, tile in zip(coords, tiles):
@@ -56,11 +73,11 @@ def test_resize_matches_pil_bilinear(cmu, read_size):
     assert worst <= 1, f"max difference from PIL bilinear: {worst}"
 
 
-def test_edge_tiles_are_black_beyond_the_slide_like_the_reference(cmu):
+def test_edge_tiles_are_black_beyond_the_slide_like_the_reference(cmu, reader):
     slide, _ = cmu
     w, h = slide.dimensions
     coords = np.array([[w - 50, h - 30], [-20, 10]])
-    (_, tiles), = list(TileStream(slide, coords, read_size=112))
+    (_, tiles), = list(TileStream(slide, coords, read_size=112, reader=reader))
     for xy, tile in zip(coords, tiles):
         np.testing.assert_array_equal(tile, reference_tile(slide, xy, 112))
     assert (tiles[0, 40:, 60:] == 0).all()  # beyond both edges
@@ -90,10 +107,31 @@ def test_empty_grid(cmu):
     assert list(TileStream(slide, np.zeros((0, 2), np.int64))) == []
 
 
-def test_read_error_names_tile_and_coordinates(fixture_slide):
+def test_read_error_names_tile_and_coordinates(fixture_slide, reader):
     path = fixture_slide("unreadable.svs")
     with pytest.raises(hexfast.SlideError, match=r"unreadable\.svs: tile 0 at level-0 \(4, 2\): .*Bogus marker"):
-        list(TileStream(path, np.array([[4, 2]]), read_size=8, threads=1, batch_size=1))
+        list(TileStream(path, np.array([[4, 2]]), read_size=8, threads=1, batch_size=1, reader=reader))
+
+
+def test_each_stored_tile_is_decoded_about_once(cmu_small):
+    """224-px tiles straddle the 240-px stored tiles: the shared cache decodes each stored tile once."""
+    if not hexfast._core.HAVE_JPEG:
+        pytest.skip("hexfast._core was built without libjpeg: no direct JPEG reader")
+    with hexfast.open_slide(cmu_small) as slide:
+        w, h = slide.dimensions
+        coords = np.array([[x, y] for y in range(0, h - 224, 224) for x in range(0, w - 224, 224)])
+        touched = {(y // 240 + dy, x // 240 + dx) for x, y in coords for dy in (0, 1) for dx in (0, 1)
+                   if (y + 223) // 240 >= y // 240 + dy and (x + 223) // 240 >= x // 240 + dx}
+        stream = TileStream(slide, coords, read_size=224, threads=2, batch_size=8, reader="direct")
+        assert sum(len(c) for c, _ in stream) == len(coords)
+    assert len(touched) <= stream.decoded_tiles <= 1.05 * len(touched), (stream.decoded_tiles, len(touched))
+
+
+def test_auto_reader_falls_back_to_openslide_when_tiles_are_not_jpeg(fixture_slide):
+    slide = hexfast.open_slide(fixture_slide("boxes.tiff"), mpp=0.25)  # deflate-compressed tiles
+    assert TileStream(slide, np.array([[0, 0]]), read_size=64, reader="auto").reader == "openslide"
+    with pytest.raises(hexfast.SlideError, match=r"boxes\.tiff: .*not JPEG-compressed"):
+        TileStream(slide, np.array([[0, 0]]), read_size=64, reader="direct")
 
 
 def write_svs_with_corrupt_tile(path, corrupt_tile: int):
@@ -113,12 +151,12 @@ def write_svs_with_corrupt_tile(path, corrupt_tile: int):
     return path
 
 
-def test_skip_errors_reports_corrupt_tiles_and_keeps_the_rest(tmp_path):
+def test_skip_errors_reports_corrupt_tiles_and_keeps_the_rest(tmp_path, reader):
     path = write_svs_with_corrupt_tile(tmp_path / "corrupt.svs", corrupt_tile=5)  # stored tile (1, 1)
     coords = np.array([[x, y] for y in range(0, 720, 240) for x in range(0, 960, 240)])
     with pytest.raises(hexfast.SlideError, match=r"tile 5 at level-0 \(240, 240\)"):
-        list(TileStream(path, coords, read_size=240, threads=2, batch_size=4))
-    stream = TileStream(path, coords, read_size=240, threads=2, batch_size=4, skip_errors=True)
+        list(TileStream(path, coords, read_size=240, threads=2, batch_size=4, reader=reader))
+    stream = TileStream(path, coords, read_size=240, threads=2, batch_size=4, skip_errors=True, reader=reader)
     got = np.concatenate([np.array(c) for c, _ in stream])
     np.testing.assert_array_equal(got, np.delete(coords, 5, axis=0))
     assert [(i, x, y) for i, x, y, _ in stream.skipped] == [(5, 240, 240)]

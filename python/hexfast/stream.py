@@ -4,15 +4,19 @@
         for coords, tiles in stream:      # (B, 2) int64, (B, S, S, 3) uint8, grid order
             engine(tiles)
 
-Workers read through OpenSlide's C API (the library the openslide-bin wheel
-ships), without the GIL. Batches are numpy views of a fixed ring of buffers:
+Workers read without the GIL. On JPEG-tiled TIFFs (Aperio SVS, generic
+tiled TIFF) they decode level 0's stored JPEG tiles themselves with libjpeg
+into a shared cache, so each stored tile is decoded about once
+(``reader == "direct"``); other formats go through OpenSlide's C API, the
+library the openslide-bin wheel ships (``reader == "openslide"``). Both give
+the same pixels. Batches are numpy views of a fixed ring of buffers:
 a batch's buffer goes back to the workers when its arrays are garbage, so keep
 a copy (``np.array(tiles)``) of any batch you hold on to. Memory is fixed when
 the stream starts, whatever the slide size:
 
     prefetch x batch_size x (out_size² x 3 + 16) bytes      the ring
     + threads x read_size² x 7 bytes                         per-worker scratch
-    + cache_mb                                               OpenSlide's tile cache (32-512 MB,
+    + cache_mb                                               decoded-tile cache (32-512 MB,
                                                              see default_cache_mb)
 
 Tiles are read at level 0. Pixels beyond the slide's edge come out black,
@@ -32,10 +36,13 @@ from .errors import SlideError
 from .slide import Slide, open_slide
 
 CACHE_MB_BOUNDS = (32, 512)
+# Formats whose level 0 is the file's first TIFF directory, as OpenSlide reads
+# them: the stream may decode their stored JPEG tiles itself.
+DIRECT_VENDORS = {"aperio", "generic-tiff"}
 
 
 def default_cache_mb(slide: Slide) -> int:
-    """Enough of OpenSlide's tile cache for three rows of stored tiles.
+    """Enough decoded-tile cache for three rows of stored tiles.
 
     Tiles of 224 px straddle the scanner's 240/256-px stored tiles, so each
     stored row is needed by two consecutive rows of the grid: keeping three
@@ -78,28 +85,39 @@ class TileStream:
         prefetch: int = 4,
         skip_errors: bool = False,
         cache_mb: int | None = None,
+        reader: str = "auto",
     ):
-        if not isinstance(slide, Slide):
-            with open_slide(slide) as opened:
-                self.__init__(opened, coords, read_size, out_size, batch_size, threads, prefetch, skip_errors,
-                              cache_mb)
-            return
-        self.path = slide.path
-        read_size = slide.tile.size if read_size is None else read_size
-        cache_mb = default_cache_mb(slide) if cache_mb is None else cache_mb
-        self.read_size = int(read_size)
-        self.out_size = int(out_size or read_size)
-        coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
+        opened = slide if isinstance(slide, Slide) else open_slide(slide)
         try:
+            self.path = opened.path
+            self.read_size = int(opened.tile.size if read_size is None else read_size)
+            self.out_size = int(out_size or self.read_size)
+            cache_mb = default_cache_mb(opened) if cache_mb is None else cache_mb
+            if reader == "auto" and opened.vendor not in DIRECT_VENDORS:
+                reader = "openslide"
+            coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
             self._core = _core.TileStream(
                 os.fspath(self.path), openslide_library(), coords, self.read_size, self.out_size,
-                batch_size, threads, prefetch, skip_errors, cache_mb << 20,
+                batch_size, threads, prefetch, skip_errors, cache_mb << 20, reader,
             )
         except RuntimeError as e:
             raise SlideError(self.path, str(e)) from e
+        finally:
+            if opened is not slide:
+                opened.close()
+
+    @property
+    def reader(self) -> str:
+        """'direct' when hexfast decodes the slide's stored JPEG tiles itself, else 'openslide'."""
+        return self._core.reader
 
     def __len__(self) -> int:
         return len(self._core)
+
+    @property
+    def decoded_tiles(self) -> int:
+        """Stored JPEG tiles decoded so far by the direct reader (0 on the OpenSlide path)."""
+        return self._core.decoded_tiles
 
     @property
     def batches(self) -> int:
