@@ -5,11 +5,12 @@ peak RSS is its own.
     hexfast bench stream SLIDE [--tiles N]
 
 Cases:
-  reference   openslide-python read_region → PIL RGB → resize 384 bilinear → float normalise (one process)
-  decode      raw decode of the stored JPEG tiles those tiles cover (PIL, one core): the decode limit
-  stream-1/2  TileStream uint8 at 1 and 2 threads
-  macenko     TileStream, 2 threads, Macenko normalisation
-  resize      TileStream, 2 threads, C++ resize to 384
+  reference    openslide-python read_region → PIL RGB → resize 384 bilinear → float normalise (one process)
+  decode       raw decode of the stored JPEG tiles those tiles cover (PIL, one core): the decode limit
+  stream-1/2   TileStream uint8 at 1 and 2 threads (direct JPEG reader where the slide allows)
+  openslide-2  TileStream uint8, 2 threads, through OpenSlide's read_region instead
+  macenko      TileStream, 2 threads, Macenko normalisation
+  resize       TileStream, 2 threads, C++ resize to 384
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import time
 
 import numpy as np
 
-CASES = ("reference", "decode", "stream-1", "stream-2", "macenko", "resize")
+from .errors import HexfastError
+
+CASES = ("reference", "decode", "stream-1", "stream-2", "openslide-2", "macenko", "resize")
+THREADS = {"reference": 1, "decode": 1, "stream-1": 1, "stream-2": 2, "openslide-2": 2, "macenko": 2, "resize": 2}
 
 
 def pick_tiles(path: str, n: int) -> tuple[np.ndarray, int]:
@@ -75,7 +79,7 @@ def _decode(path, coords, size):
     return time.perf_counter() - start, len(blobs)
 
 
-def _stream(path, coords, size, threads, out_size=None, **options):
+def _stream(path, coords, size, threads, out_size=None, **options) -> str:
     from .slide import open_slide
     from .stream import TileStream
 
@@ -84,6 +88,7 @@ def _stream(path, coords, size, threads, out_size=None, **options):
                             **options)
         for _ in stream:
             pass
+    return stream.reader
 
 
 def run_case(name: str, path: str, n: int) -> dict:
@@ -96,38 +101,50 @@ def run_case(name: str, path: str, n: int) -> dict:
         seconds, stored = _decode(path, coords, size)
         extra = {"stored_tiles": stored, "decode_seconds": seconds}
     elif name.startswith("stream-"):
-        _stream(path, coords, size, threads=int(name.split("-")[1]))
+        extra["reader"] = _stream(path, coords, size, threads=THREADS[name])
+    elif name == "openslide-2":
+        extra["reader"] = _stream(path, coords, size, threads=2, reader="openslide")
     elif name == "macenko":
-        _stream(path, coords, size, threads=2, stain_norm="macenko")
+        extra["reader"] = _stream(path, coords, size, threads=2, stain_norm="macenko")
     elif name == "resize":
-        _stream(path, coords, size, threads=2, out_size=384)
+        extra["reader"] = _stream(path, coords, size, threads=2, out_size=384)
     else:
         raise ValueError(f"unknown case {name}")
     seconds = extra.pop("decode_seconds", time.perf_counter() - start)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": name, "tiles": len(coords), "seconds": seconds, "tiles_per_s": len(coords) / seconds,
-            "peak_rss_mib": rss, **extra}
+    return {"case": name, "threads": THREADS[name], "tiles": len(coords), "seconds": seconds,
+            "tiles_per_s": len(coords) / seconds, "peak_rss_mib": rss, **extra}
 
 
-def bench_stream(path: str, n: int = 2000, cases=CASES) -> list[dict]:
+def bench_stream(path: str, n: int = 6000, cases=CASES, on_row=None) -> list[dict]:
+    """Runs each case in a fresh process (its own peak RSS, no shared caches) and returns the rows."""
     rows = []
     for name in cases:
         out = subprocess.run([sys.executable, "-m", "hexfast.bench", name, path, str(n)], capture_output=True,
-                             text=True, check=True)
+                             text=True)
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HexfastError(f"{path}: benchmark case {name} failed: {last}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        if on_row:
+            on_row(rows[-1])
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
+    """Markdown table; ratios against the reference and the decode limit measured in the same run."""
     by = {r["case"]: r for r in rows}
     ref = by.get("reference", {}).get("tiles_per_s")
     dec = by.get("decode", {}).get("tiles_per_s")
-    lines = ["| case | tiles/s | × reference | % of decode limit | peak RSS MiB |", "|---|---|---|---|---|"]
+    lines = ["| case | reader | threads | tiles/s | × reference | × reference per core | % of decode limit "
+             "| peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         x = f"{r['tiles_per_s'] / ref:.1f}" if ref else "-"
+        per_core = f"{r['tiles_per_s'] / r['threads'] / ref:.1f}" if ref else "-"
         d = f"{100 * r['tiles_per_s'] / dec:.0f}" if dec else "-"
         note = f" ({r['stored_tiles']} stored tiles)" if "stored_tiles" in r else ""
-        lines.append(f"| {r['case']}{note} | {r['tiles_per_s']:.0f} | {x} | {d} | {r['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['case']}{note} | {r.get('reader', '-')} | {r['threads']} | {r['tiles_per_s']:.0f} "
+                     f"| {x} | {per_core} | {d} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .bench import CASES
 from .errors import HexfastError
 from .outputs import prepare_output_dir, write_tiles_h5, write_tissue_png
 from .slide import Slide, open_slide
@@ -113,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
         "otsu is plain Otsu, N a fixed value (CLAM uses 8)",
     )
     tiles.set_defaults(run=cmd_tiles)
+
+    bench = sub.add_parser("bench", parents=[common], help="measure throughput against the reference path")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    stream = bench_sub.add_parser(
+        "stream", parents=[common], help="TileStream tiles/s against openslide-python + PIL, same tiles, one run"
+    )
+    stream.add_argument("slide", type=Path, metavar="SLIDE")
+    stream.add_argument("--tiles", type=_positive_int, default=6000, help="first N tissue tiles (default 6000)")
+    stream.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    stream.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    stream.set_defaults(run=cmd_bench_stream)
     return parser
 
 
@@ -234,6 +246,28 @@ def cmd_tiles(args) -> int:
         )
 
     return _for_each_slide(args, work)
+
+
+def cmd_bench_stream(args) -> int:
+    from .bench import bench_stream, format_table
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        raise HexfastError(f"unknown benchmark case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    with open_slide(args.slide) as slide:  # a bad slide fails here, with the usual one-line error
+        print(f"{slide.path.name}: {slide.dimensions[0]} x {slide.dimensions[1]} px, first {args.tiles} tissue "
+              f"tiles of {slide.tile.size} px; one process per case", file=sys.stderr)
+
+    def show(row: dict) -> None:
+        print(f"  {row['case']:<12} {row['tiles_per_s']:8.0f} tiles/s  peak RSS {row['peak_rss_mib']:.0f} MiB",
+              file=sys.stderr)
+
+    rows = bench_stream(str(args.slide), args.tiles, cases, on_row=show)
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
