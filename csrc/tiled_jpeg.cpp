@@ -144,25 +144,40 @@ std::string parse_tiled_jpeg(const std::string& path, TiledJpegLayout& layout) {
 
 // ------------------------------------------------------------------- cache
 
-DecodedTile DecodedTileCache::get(int64_t key) {
-    std::lock_guard<std::mutex> lock(mu_);
+DecodedTile DecodedTileCache::get_or_claim(int64_t key) {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [&] { return !in_flight_.count(key); });
     auto it = index_.find(key);
-    if (it == index_.end()) return nullptr;
+    if (it == index_.end()) {
+        in_flight_.insert(key);
+        return nullptr;
+    }
     lru_.splice(lru_.begin(), lru_, it->second);
     return it->second->second;
 }
 
-void DecodedTileCache::put(int64_t key, DecodedTile tile) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (index_.count(key)) return;  // another worker decoded it meanwhile
-    bytes_ += tile->size;
-    lru_.emplace_front(key, std::move(tile));
-    index_[key] = lru_.begin();
-    while (bytes_ > capacity_ && lru_.size() > 1) {
-        bytes_ -= lru_.back().second->size;
-        index_.erase(lru_.back().first);
-        lru_.pop_back();
+void DecodedTileCache::fulfil(int64_t key, DecodedTile tile) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        in_flight_.erase(key);
+        bytes_ += tile->size;
+        lru_.emplace_front(key, std::move(tile));
+        index_[key] = lru_.begin();
+        while (bytes_ > capacity_ && lru_.size() > 1) {
+            bytes_ -= lru_.back().second->size;
+            index_.erase(lru_.back().first);
+            lru_.pop_back();
+        }
     }
+    done_.notify_all();
+}
+
+void DecodedTileCache::abandon(int64_t key) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        in_flight_.erase(key);
+    }
+    done_.notify_all();
 }
 
 // -------------------------------------------------------------------- JPEG
@@ -260,7 +275,14 @@ std::shared_ptr<JpegDecoder> TiledJpegReader::make_decoder() { return std::make_
 
 std::string TiledJpegReader::tile(JpegDecoder& decoder, int64_t tx, int64_t ty, DecodedTile& out) {
     const int64_t key = ty * layout_.tiles_across() + tx;
-    if ((out = cache_.get(key))) return {};
+    if ((out = cache_.get_or_claim(key))) return {};
+    std::string err = decode(decoder, key, out);
+    if (err.empty()) cache_.fulfil(key, out);
+    else cache_.abandon(key);
+    return err;
+}
+
+std::string TiledJpegReader::decode(JpegDecoder& decoder, int64_t key, DecodedTile& out) {
     const uint64_t offset = layout_.offsets[key], n = layout_.byte_counts[key];
     auto pixels = std::make_shared<PixelBuffer>(static_cast<size_t>(layout_.tile_w * layout_.tile_h * 3));
     if (n == 0) {  // sparse tile: nothing stored, transparent in OpenSlide, black after RGB conversion
@@ -278,7 +300,6 @@ std::string TiledJpegReader::tile(JpegDecoder& decoder, int64_t tx, int64_t ty, 
     if (!err.empty()) return err;
     ++decoded_;
     out = pixels;
-    cache_.put(key, out);
     return {};
 }
 

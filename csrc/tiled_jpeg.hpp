@@ -7,12 +7,14 @@
 // rows out of decoded tiles instead. Pixels equal OpenSlide's (tested).
 #pragma once
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace hexfast {
@@ -43,15 +45,23 @@ struct PixelBuffer {
 using DecodedTile = std::shared_ptr<const PixelBuffer>;
 
 // Least-recently-used decoded tiles, bounded in bytes; shared by the workers.
+// A worker that misses claims the tile; others wanting it wait for that
+// decode instead of repeating it (neighbouring tiles of the grid, read by
+// different workers at the same moment, share stored tiles).
 class DecodedTileCache {
 public:
     explicit DecodedTileCache(size_t capacity_bytes) : capacity_(capacity_bytes) {}
-    DecodedTile get(int64_t key);
-    void put(int64_t key, DecodedTile tile);
+    // The cached tile, or nullptr after claiming it: the caller must then
+    // fulfil() or abandon() the claim.
+    DecodedTile get_or_claim(int64_t key);
+    void fulfil(int64_t key, DecodedTile tile);
+    void abandon(int64_t key);  // decode failed: the next asker tries itself
 
 private:
     using Entry = std::pair<int64_t, DecodedTile>;
     std::mutex mu_;
+    std::condition_variable done_;
+    std::unordered_set<int64_t> in_flight_;
     size_t capacity_, bytes_ = 0;
     std::list<Entry> lru_;  // front: most recent
     std::unordered_map<int64_t, std::list<Entry>::iterator> index_;
@@ -76,6 +86,7 @@ public:
 
 private:
     std::string tile(JpegDecoder& decoder, int64_t tx, int64_t ty, DecodedTile& out);
+    std::string decode(JpegDecoder& decoder, int64_t key, DecodedTile& out);
 
     int fd_ = -1;
     uint64_t file_size_ = 0;
