@@ -254,40 +254,34 @@ constexpr double kRgb2Xyz[3][3] = {
     {0.412453, 0.357580, 0.180423}, {0.212671, 0.715160, 0.072169}, {0.019334, 0.119193, 0.950227}};
 constexpr double kWhite[3] = {0.95047, 1.0, 1.08883};
 
-// Lab's f() of three values at once. The cube roots (only needed above
-// 0.008856) start from the exponent/3 bit trick and take two Halley steps
-// (cubic convergence: ~3e-2 → ~1e-15); the three divisions of a step share
-// one reciprocal, as division dominates the cost.
-inline void lab_f3(const double t[3], double f[3]) {
-    double x[3], y[3];
-    for (int c = 0; c < 3; ++c) {
-        x[c] = t[c] > 0.008856 ? t[c] : 0.5;  // any positive stand-in; the result is not used
-        uint64_t bits;
-        std::memcpy(&bits, &x[c], sizeof bits);
-        bits = bits / 3 + 0x2A9F7893782DA1CEull;
-        std::memcpy(&y[c], &bits, sizeof bits);
-    }
+// Lab's f() in float (torchstain's own precision) and branch-free, so the
+// block loops below vectorise. The cube root (only needed above 0.008856)
+// starts from the exponent/3 bit trick and takes two Halley steps (cubic
+// convergence: ~3e-2 → float precision).
+inline float lab_f(float t) {
+    const float x = t > 0.008856f ? t : 1.0f;  // any positive stand-in; the root is not used
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    bits = bits / 3 + 709921077u;
+    float y;
+    std::memcpy(&y, &bits, sizeof y);
     for (int it = 0; it < 2; ++it) {
-        double num[3], den[3];
-        for (int c = 0; c < 3; ++c) {
-            const double y3 = y[c] * y[c] * y[c];
-            num[c] = y3 + 2 * x[c];
-            den[c] = 2 * y3 + x[c];
-        }
-        const double inv = 1 / (den[0] * den[1] * den[2]);
-        y[0] *= num[0] * den[1] * den[2] * inv;
-        y[1] *= num[1] * den[0] * den[2] * inv;
-        y[2] *= num[2] * den[0] * den[1] * inv;
+        const float y3 = y * y * y;
+        y = y * (y3 + 2 * x) / (2 * y3 + x);
     }
-    for (int c = 0; c < 3; ++c) f[c] = t[c] > 0.008856 ? y[c] : 7.787 * t[c] + 16.0 / 116.0;
+    return t > 0.008856f ? y : 7.787f * t + 16.0f / 116.0f;
 }
 
-inline double lab_finv(double t) { return t > 0.2068966 ? t * t * t : (t - 16.0 / 116.0) * (1 / 7.787); }
+inline float lab_finv(float t) { return t > 0.2068966f ? t * t * t : (t - 16.0f / 116.0f) * (1 / 7.787f); }
+
+// Pixels are processed in blocks, structure-of-arrays, so the arithmetic
+// between the table look-ups vectorises.
+constexpr int kBlock = 256;
 
 struct ReinhardTables {
-    double lin[256];         // sRGB value → linear (torchstain's rgb2lab branch)
-    double rgb2xyz_w[3][3];  // kRgb2Xyz with rows divided by the white point
-    double xyz2rgb_w[3][3];  // inverse of kRgb2Xyz, columns multiplied by the white point
+    float lin[256];         // sRGB value → linear (torchstain's rgb2lab branch)
+    float rgb2xyz_w[3][3];  // kRgb2Xyz with rows divided by the white point
+    float xyz2rgb_w[3][3];  // inverse of kRgb2Xyz, columns multiplied by the white point
     // Output level of a linear value: numpy's floor(255·clip(gamma(lin), 0, 1))
     // changes at 255 thresholds; a coarse bucket index gives the level at the
     // bucket's start and at most a step or two finishes it exactly.
@@ -298,10 +292,10 @@ struct ReinhardTables {
     ReinhardTables() {
         for (int v = 0; v < 256; ++v) {
             const double x = v / 255.0;
-            lin[v] = x > 0.04045 ? std::pow((x + 0.055) / 1.055, 2.4) : x / 12.92;
+            lin[v] = static_cast<float>(x > 0.04045 ? std::pow((x + 0.055) / 1.055, 2.4) : x / 12.92);
         }
         for (int r = 0; r < 3; ++r)
-            for (int c = 0; c < 3; ++c) rgb2xyz_w[r][c] = kRgb2Xyz[r][c] / kWhite[r];
+            for (int c = 0; c < 3; ++c) rgb2xyz_w[r][c] = static_cast<float>(kRgb2Xyz[r][c] / kWhite[r]);
         // Inverse by cofactors (numpy's inv agrees to rounding).
         const auto& m = kRgb2Xyz;
         double inv[3][3];
@@ -312,7 +306,7 @@ struct ReinhardTables {
             }
         const double det = m[0][0] * inv[0][0] + m[0][1] * inv[1][0] + m[0][2] * inv[2][0];
         for (int r = 0; r < 3; ++r)
-            for (int c = 0; c < 3; ++c) xyz2rgb_w[r][c] = inv[r][c] / det * kWhite[c];
+            for (int c = 0; c < 3; ++c) xyz2rgb_w[r][c] = static_cast<float>(inv[r][c] / det * kWhite[c]);
         // Thresholds by bisection on the bit pattern (ordered like the value for
         // non-negative doubles) of the exact numpy expression, which is monotone.
         threshold[0] = -HUGE_VAL;
@@ -355,15 +349,22 @@ struct ReinhardTables {
         return static_cast<uint8_t>(l);
     }
 
-    // L in [0, 100], a and b centred on 0 (torchstain's rgb2lab then lab_split).
-    void lab(const uint8_t* px, double out[3]) const {
-        const double r = lin[px[0]], g = lin[px[1]], b = lin[px[2]];
-        double xyz[3], f[3];
-        for (int c = 0; c < 3; ++c) xyz[c] = rgb2xyz_w[c][0] * r + rgb2xyz_w[c][1] * g + rgb2xyz_w[c][2] * b;
-        lab_f3(xyz, f);
-        out[0] = 116 * f[1] - 16;
-        out[1] = 500 * (f[0] - f[1]);
-        out[2] = 200 * (f[1] - f[2]);
+    // Lab of m <= kBlock pixels: L in [0, 100], a and b centred on 0
+    // (torchstain's rgb2lab then lab_split).
+    void lab_block(const uint8_t* px, int m, float* lab_l, float* lab_a, float* lab_b) const {
+        float x[kBlock], y[kBlock], z[kBlock];
+        for (int j = 0; j < m; ++j) {
+            const float r = lin[px[3 * j]], g = lin[px[3 * j + 1]], b = lin[px[3 * j + 2]];
+            x[j] = rgb2xyz_w[0][0] * r + rgb2xyz_w[0][1] * g + rgb2xyz_w[0][2] * b;
+            y[j] = rgb2xyz_w[1][0] * r + rgb2xyz_w[1][1] * g + rgb2xyz_w[1][2] * b;
+            z[j] = rgb2xyz_w[2][0] * r + rgb2xyz_w[2][1] * g + rgb2xyz_w[2][2] * b;
+        }
+        for (int j = 0; j < m; ++j) {
+            const float fx = lab_f(x[j]), fy = lab_f(y[j]), fz = lab_f(z[j]);
+            lab_l[j] = 116 * fy - 16;
+            lab_a[j] = 500 * (fx - fy);
+            lab_b[j] = 200 * (fy - fz);
+        }
     }
 };
 
@@ -378,17 +379,23 @@ LabStats reinhard_stats(const uint8_t* rgb, size_t n) {
     const auto& t = reinhard_tables();
     LabStats s{};
     if (n == 0) return s;
-    // Sums shifted by the first pixel's Lab, so the variance keeps its digits.
+    // Double sums shifted by the first pixel's Lab, so the variance keeps its digits.
     double shift[3], sum[3] = {0, 0, 0}, sq[3] = {0, 0, 0};
-    t.lab(rgb, shift);
-    for (size_t i = 0; i < n; ++i) {
-        double lab[3];
-        t.lab(rgb + 3 * i, lab);
-        for (int c = 0; c < 3; ++c) {
-            const double d = lab[c] - shift[c];
-            sum[c] += d;
-            sq[c] += d * d;
-        }
+    {
+        float l, a, b;
+        t.lab_block(rgb, 1, &l, &a, &b);
+        shift[0] = l, shift[1] = a, shift[2] = b;
+    }
+    float lab[3][kBlock];
+    for (size_t i0 = 0; i0 < n; i0 += kBlock) {
+        const int m = static_cast<int>(std::min<size_t>(kBlock, n - i0));
+        t.lab_block(rgb + 3 * i0, m, lab[0], lab[1], lab[2]);
+        for (int c = 0; c < 3; ++c)
+            for (int j = 0; j < m; ++j) {
+                const double d = lab[c][j] - shift[c];
+                sum[c] += d;
+                sq[c] += d * d;
+            }
     }
     const double nn = static_cast<double>(n);
     for (int c = 0; c < 3; ++c) {
@@ -409,21 +416,28 @@ LabStats reinhard_reference() {
 void reinhard_apply(const uint8_t* src, uint8_t* dst, size_t n, const LabStats& source,
                     const LabStats& target) noexcept {
     const auto& t = reinhard_tables();
-    double ratio[3], offset[3];  // channel' = channel·ratio + offset
+    float ratio[3], offset[3];  // channel' = channel·ratio + offset
     for (int c = 0; c < 3; ++c) {
-        ratio[c] = target.std[c] / source.std[c];
-        if (!(source.std[c] > 1e-12) || !std::isfinite(ratio[c])) ratio[c] = 1;
-        offset[c] = target.mean[c] - source.mean[c] * ratio[c];
+        double r = target.std[c] / source.std[c];
+        if (!(source.std[c] > 1e-12) || !std::isfinite(r)) r = 1;
+        ratio[c] = static_cast<float>(r);
+        offset[c] = static_cast<float>(target.mean[c] - source.mean[c] * r);
     }
-    for (size_t i = 0; i < n; ++i) {
-        double lab[3];
-        t.lab(src + 3 * i, lab);
-        const double l = lab[0] * ratio[0] + offset[0], a = lab[1] * ratio[1] + offset[1],
-                     b = lab[2] * ratio[2] + offset[2];
-        const double fy = (l + 16) * (1.0 / 116);
-        const double x = lab_finv(a * (1.0 / 500) + fy), y = lab_finv(fy), z = lab_finv(fy - b * (1.0 / 200));
-        for (int c = 0; c < 3; ++c)
-            dst[3 * i + c] = t.level(t.xyz2rgb_w[c][0] * x + t.xyz2rgb_w[c][1] * y + t.xyz2rgb_w[c][2] * z);
+    const auto& w = t.xyz2rgb_w;
+    float lab[3][kBlock], out[3][kBlock];
+    for (size_t i0 = 0; i0 < n; i0 += kBlock) {
+        const int m = static_cast<int>(std::min<size_t>(kBlock, n - i0));
+        t.lab_block(src + 3 * i0, m, lab[0], lab[1], lab[2]);
+        for (int j = 0; j < m; ++j) {
+            const float l = lab[0][j] * ratio[0] + offset[0], a = lab[1][j] * ratio[1] + offset[1],
+                        b = lab[2][j] * ratio[2] + offset[2];
+            const float fy = (l + 16) * (1.0f / 116);
+            const float x = lab_finv(a * (1.0f / 500) + fy), y = lab_finv(fy), z = lab_finv(fy - b * (1.0f / 200));
+            for (int c = 0; c < 3; ++c) out[c][j] = w[c][0] * x + w[c][1] * y + w[c][2] * z;
+        }
+        uint8_t* d = dst + 3 * i0;
+        for (int j = 0; j < m; ++j)
+            for (int c = 0; c < 3; ++c) d[3 * j + c] = t.level(out[c][j]);
     }
 }
 
