@@ -284,7 +284,8 @@ struct ReinhardTables {
     float xyz2rgb_w[3][3];  // inverse of kRgb2Xyz, columns multiplied by the white point
     // Output level of a linear value: numpy's floor(255·clip(gamma(lin), 0, 1))
     // changes at 255 thresholds; a coarse bucket index gives the level at the
-    // bucket's start and at most a step or two finishes it exactly.
+    // bucket's start and a step finishes it exactly (the curve rises under
+    // one level per bucket).
     static constexpr int kBuckets = 4096;  // per unit of linear value; covers [0, 2)
     double threshold[257];                 // threshold[k]: smallest lin with level >= k
     uint8_t bucket[2 * kBuckets];
