@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "stain.hpp"
+#include "tile_stream.hpp"
 
 namespace py = pybind11;
 using namespace hexfast;
@@ -107,6 +108,35 @@ py::tuple stats_out(const LabStats& s) {
 size_t pixels(const RgbArray& a) { return static_cast<size_t>(a.size() / 3); }
 
 }  // namespace
+
+// The TileStream's per-tile transform for `method` (none, macenko, reinhard),
+// from the slide's estimate (source) and the target, each a pair of arrays as
+// macenko_estimate / reinhard_stats return them; target None = the reference.
+TileTransform make_stain_transform(const std::string& method, const py::object& source, const py::object& target,
+                                   double io) {
+    if (method == "none") return {};
+    if (method != "macenko" && method != "reinhard")
+        throw py::value_error("stain_norm must be none, macenko or reinhard, not " + method);
+    if (source.is_none()) throw py::value_error("stain_norm=" + method + " needs the slide's stain estimate");
+    const auto src = source.cast<py::tuple>();
+    if (src.size() != 2) throw py::value_error("stain source must be a pair of arrays");
+    if (method == "macenko") {
+        const StainMatrix from = stain_input(src[0], src[1], "he_source", "max_c_source");
+        StainMatrix to = macenko_reference();
+        if (!target.is_none()) {
+            const auto tgt = target.cast<py::tuple>();
+            to = stain_input(tgt[0], tgt[1], "he_target", "max_c_target");
+        }
+        return [from, to, io](uint8_t* rgb, size_t n) { macenko_apply(rgb, rgb, n, from, to, io); };
+    }
+    const LabStats from = stats_input(src[0], src[1], "mean_source", "std_source");
+    LabStats to = reinhard_reference();
+    if (!target.is_none()) {
+        const auto tgt = target.cast<py::tuple>();
+        to = stats_input(tgt[0], tgt[1], "mean_target", "std_target");
+    }
+    return [from, to](uint8_t* rgb, size_t n) { reinhard_apply(rgb, rgb, n, from, to); };
+}
 
 void bind_stain(py::module_& m) {
     m.def(

@@ -10,6 +10,9 @@
 namespace py = pybind11;
 using namespace hexfast;
 
+TileTransform make_stain_transform(const std::string& method, const py::object& source, const py::object& target,
+                                   double io);  // stain_bindings.cpp
+
 namespace {
 
 struct Lease {
@@ -53,7 +56,8 @@ void bind_stream(py::module_& m) {
         .def(py::init([](const std::string& slide_path, const std::string& library_path,
                          py::array_t<int64_t, py::array::c_style | py::array::forcecast> coords, int64_t read_size,
                          int out_size, int batch_size, int threads, int prefetch, bool skip_errors,
-                         size_t cache_bytes, const std::string& reader) {
+                         size_t cache_bytes, const std::string& reader, const std::string& stain_norm,
+                         const py::object& stain_source, const py::object& stain_target, double stain_io) {
                  if (coords.ndim() != 2 || coords.shape(1) != 2) throw py::value_error("coords must be (N, 2)");
                  StreamParams p;
                  p.slide_path = slide_path;
@@ -67,12 +71,15 @@ void bind_stream(py::module_& m) {
                  p.skip_errors = skip_errors;
                  p.cache_bytes = cache_bytes;
                  p.reader = reader;
+                 p.transform = make_stain_transform(stain_norm, stain_source, stain_target, stain_io);
                  py::gil_scoped_release nogil;
                  return std::make_shared<TileStream>(std::move(p));
              }),
              py::arg("slide_path"), py::arg("library_path"), py::arg("coords"), py::arg("read_size"),
              py::arg("out_size"), py::arg("batch_size"), py::arg("threads"), py::arg("prefetch"),
-             py::arg("skip_errors"), py::arg("cache_bytes"), py::arg("reader") = "auto")
+             py::arg("skip_errors"), py::arg("cache_bytes"), py::arg("reader") = "auto",
+             py::arg("stain_norm") = "none", py::arg("stain_source") = py::none(), py::arg("stain_target") = py::none(),
+             py::arg("stain_io") = 240.0)
         .def("next", &next_batch, "(coords (B, 2) int64, tiles (B, S, S, 3) uint8) in grid order, or None at the end")
         .def("close", [](TileStream& s) {
             py::gil_scoped_release nogil;

@@ -216,3 +216,50 @@ def test_ctrl_c_stops_the_stream(cmu_small):
     _, err = proc.communicate(timeout=30)
     assert "KeyboardInterrupt" in err
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+def test_stain_normalisation_in_the_workers_applies_one_slide_estimate(cmu, reader, method):
+    """The workers apply the slide-level estimate: each streamed tile equals the
+    C++ normaliser (itself checked against torchstain in test_stain.py) applied
+    to the plain tile, then resized; background tiles (which break per-tile
+    estimates) go through without failing."""
+    from hexfast import _core
+    from hexfast.stain import estimate_stain
+
+    slide, grid = cmu
+    w, h = slide.dimensions
+    glass = np.array([[w - 230, 0], [w - 230, 230]])  # top-right corner of CMU-1-Small-Region is blank
+    coords = np.concatenate([grid.coords[::9], glass])
+    source = estimate_stain(slide, grid.coords, method, read_size=224)
+    apply = _core.macenko_apply if method == "macenko" else _core.reinhard_apply
+    normalised = TileStream(slide, coords, read_size=224, out_size=384, stain_norm=method, stain_source=source,
+                            reader=reader)
+    plain = TileStream(slide, coords, read_size=224, reader=reader)
+    for (_, got), (_, raw) in zip(normalised, plain):
+        expected = np.stack([np.asarray(Image.fromarray(apply(t, *source)).resize((384, 384), Image.Resampling.BILINEAR))
+                             for t in raw])
+        assert np.abs(got.astype(int) - expected).max() <= 1
+    if method == "macenko":  # Reinhard maps glass through the tissue statistics too, by design
+        assert np.array(got[-2:]).mean() > 200, "glass tiles must stay bright"
+
+
+def test_stain_estimate_comes_from_a_sample_of_the_grid(cmu):
+    from hexfast.stain import estimate_stain, sample_coords
+
+    slide, grid = cmu
+    picked = sample_coords(grid.coords, 32)
+    assert len(picked) == 32 and picked[0].tolist() == grid.coords[0].tolist()
+    assert picked[-1].tolist() == grid.coords[-1].tolist()
+    stream = TileStream(slide, grid.coords, stain_norm="macenko")
+    for got, want in zip(stream.stain_source, estimate_stain(slide, picked, "macenko")):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_stain_normalisation_bad_method_and_no_tissue(cmu):
+    slide, grid = cmu
+    with pytest.raises(ValueError, match="macenko, reinhard"):
+        TileStream(slide, grid.coords, stain_norm="vahadane")
+    w, _ = slide.dimensions
+    with pytest.raises(hexfast.SlideError, match="cannot estimate the macenko stain"):
+        TileStream(slide, np.array([[w - 230, 0]]), read_size=224, stain_norm="macenko")

@@ -19,6 +19,12 @@ the stream starts, whatever the slide size:
     + cache_mb                                               decoded-tile cache (32-512 MB,
                                                              see default_cache_mb)
 
+With ``stain_norm="macenko"`` or ``"reinhard"`` the workers normalise each
+tile (before any resize) with one estimate for the whole slide, taken from a
+sample of the grid's tiles unless ``stain_source`` gives it (see hexfast.stain);
+``stain_target`` defaults to torchstain's reference. Off by default: HEX was
+trained without it.
+
 Tiles are read at level 0. Pixels beyond the slide's edge come out black,
 exactly as the reference's ``read_region(...).convert("RGB")`` gives them.
 """
@@ -86,6 +92,9 @@ class TileStream:
         skip_errors: bool = False,
         cache_mb: int | None = None,
         reader: str = "auto",
+        stain_norm: str = "none",
+        stain_source: tuple[np.ndarray, np.ndarray] | None = None,
+        stain_target: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         opened = slide if isinstance(slide, Slide) else open_slide(slide)
         try:
@@ -96,9 +105,17 @@ class TileStream:
             if reader == "auto" and opened.vendor not in DIRECT_VENDORS:
                 reader = "openslide"
             coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
+            self.stain_norm = stain_norm
+            self.stain_source = None
+            if stain_norm != "none":
+                from .stain import estimate_stain  # validates the method too
+
+                self.stain_source = (estimate_stain(opened, coords, stain_norm, self.read_size)
+                                     if stain_source is None else stain_source)
             self._core = _core.TileStream(
                 os.fspath(self.path), openslide_library(), coords, self.read_size, self.out_size,
                 batch_size, threads, prefetch, skip_errors, cache_mb << 20, reader,
+                stain_norm, self.stain_source, stain_target,
             )
         except RuntimeError as e:
             raise SlideError(self.path, str(e)) from e
