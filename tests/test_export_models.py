@@ -4,7 +4,6 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="hexfast_export needs torch (pip install '.[export]')")
 
-from hexfast.markers import MARKERS  # noqa: E402
 from hexfast_export import (  # noqa: E402
     Dinov2Config,
     Dinov2Encoder,
@@ -16,12 +15,6 @@ from hexfast_export import (  # noqa: E402
 )
 
 SMALL = MuskConfig(img_size=64, depth=2, dim=64, heads=4, ffn_dim=128)
-
-
-def test_marker_names():
-    assert len(MARKERS) == 40 and len(set(MARKERS)) == 40
-    assert MARKERS[0] == "DAPI" and MARKERS[2] == "Pan-Cytokeratin" and MARKERS[-1] == "HLA-DR"
-    assert MARKERS[23] == "Mac2/Galectin-3"
 
 
 def test_musk_large_shapes_and_names():
