@@ -1,0 +1,172 @@
+"""report.json: what was run on a slide, how long it took, and MICA's answer."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .markers import MARKERS
+from .outputs import writing_file
+from .slide import Slide
+from .tiling import TileGrid
+
+DEMO_WARNING = "DEMO MODEL \u2014 UNTRAINED WEIGHTS \u2014 NOT A PREDICTION"
+DEMO_DETAIL = (
+    f"{DEMO_WARNING}: these outputs come from hexfast's demo bundle, whose weights are untrained; "
+    "they exercise the pipeline and say nothing about this slide."
+)
+REPORT_SCHEMA = 1
+# Manifest fields worth carrying into every report (the rest stays in the bundle).
+MANIFEST_KEYS = (
+    "schema_version", "name", "models", "exporter", "exporter_version", "sources",
+    "source_checkpoints", "features", "created", "demo",
+)
+
+
+def to_jsonable(obj):
+    """numpy scalars/arrays, paths, datetimes, tuples -> plain JSON types; NaN/inf -> None (not valid JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (dt.datetime, dt.date)):
+        return obj.isoformat()
+    raise TypeError(f"report value of type {type(obj).__name__} is not JSON-serialisable: {obj!r}")
+
+
+def slide_metadata(slide: Slide, grid: TileGrid) -> dict:
+    return {
+        "path": str(slide.path.resolve()),
+        "name": slide.path.name,
+        "vendor": slide.vendor,
+        "dimensions": list(slide.dimensions),
+        "level_count": slide.level_count,
+        "mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "objective_power": slide.objective_power,
+        "magnification": slide.tile.magnification,
+        "in_reference_bucket": slide.tile.in_reference_bucket,
+        "tile_size_level0": grid.tile_size,
+        "tile_um": grid.tile_size * slide.mpp,
+        "stride": grid.stride,
+        "min_tissue": grid.min_tissue,
+        "saturation_threshold": grid.tissue.threshold,
+        "tissue_area_mm2": grid.tissue.area_mm2,
+    }
+
+
+def bundle_provenance(bundle_hash: str | None, manifest: Mapping | None = None) -> dict:
+    """The bundle's hash and the manifest fields that say where its weights came from."""
+    out = {"hash": bundle_hash}
+    for key in MANIFEST_KEYS:
+        if manifest and key in manifest:
+            out[key] = manifest[key]
+    return out
+
+
+def top_tiles(scores: np.ndarray, coords: np.ndarray, k: int) -> list[dict]:
+    """The k highest-scoring tiles, best first, with their level-0 top-left."""
+    k = min(k, len(scores))
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [
+        {"tile": int(i), "x": int(coords[i, 0]), "y": int(coords[i, 1]), "attention": float(scores[i])}
+        for i in order
+    ]
+
+
+def mica_summary(
+    hazards,
+    survival,
+    risk,
+    coattention: np.ndarray | None = None,
+    coords: np.ndarray | None = None,
+    marker_names: Sequence[str] = MARKERS,
+    top_k: int = 10,
+) -> dict:
+    """MICA's outputs for the report. coattention [C, N]: how much each marker's
+    token attended to each tile; 'overall' ranks tiles by the mean over markers."""
+    out = {
+        "hazards": np.asarray(hazards, np.float64).reshape(-1).tolist(),
+        "survival": np.asarray(survival, np.float64).reshape(-1).tolist(),
+        "risk": float(np.asarray(risk).reshape(())),
+    }
+    if coattention is not None:
+        att = np.asarray(coattention, np.float64)
+        coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        if att.ndim != 2 or att.shape != (len(marker_names), len(coords)):
+            raise ValueError(f"coattention must be ({len(marker_names)}, {len(coords)}), got {att.shape}")
+        out["most_attended"] = {
+            "top_k": min(top_k, len(coords)),
+            "coords": "level-0 top-left (x, y) of each tile",
+            "overall": top_tiles(att.mean(axis=0), coords, top_k),
+            "per_marker": {m: top_tiles(att[i], coords, top_k) for i, m in enumerate(marker_names)},
+        }
+    return out
+
+
+def build_report(
+    slide: Slide,
+    grid: TileGrid,
+    *,
+    seconds: Mapping[str, float],
+    backend: str,
+    bundle_hash: str | None,
+    demo: bool,
+    bundle_manifest: Mapping | None = None,
+    mica: Mapping | None = None,
+    outputs: Mapping[str, str] | None = None,
+    started_at: dt.datetime | None = None,
+    extra: Mapping | None = None,
+) -> dict:
+    """The report as a dict (JSON-ready after to_jsonable).
+
+    seconds: wall time per stage, e.g. {"tiling": .., "inference": .., "total": ..};
+    tiles_per_s uses seconds["total"] when given, else the sum of the stages.
+    mica: the mica_summary() dict, or None when MICA did not run.
+    """
+    n = len(grid)
+    total = seconds.get("total", sum(seconds.values())) if seconds else 0.0
+    finished = dt.datetime.now(dt.timezone.utc)
+    report: dict = {}
+    if demo:
+        report["warning"] = DEMO_DETAIL  # first, where nobody can miss it
+    report |= {
+        "schema": REPORT_SCHEMA,
+        "hexfast_version": __version__,
+        "demo": bool(demo),
+        "slide": slide_metadata(slide, grid),
+        "tile_count": n,
+        "seconds": dict(seconds),
+        "tiles_per_s": n / total if total > 0 else None,
+        "backend": backend,
+        "bundle": bundle_provenance(bundle_hash, bundle_manifest),
+        "mica": dict(mica) if mica is not None else None,
+        "outputs": dict(outputs or {}),
+        "started_at": started_at.isoformat() if started_at else None,
+        "finished_at": finished.isoformat(),
+    }
+    if extra:
+        report |= dict(extra)
+    return report
+
+
+def write_report_json(path: Path, report: Mapping) -> None:
+    text = json.dumps(to_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False)
+    with writing_file(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
