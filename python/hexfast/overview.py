@@ -75,7 +75,7 @@ def render_overview(
     label_h = fonts.label.size + 8
     bar_h = 12 + fonts.small.size + 8
     cell_w, cell_h = pw + 16, label_h + ph + bar_h + 8
-    cols = 4 if len(names) <= 12 else 6
+    cols = 6 if len(names) > 12 else 3 if len(names) <= 1 else 4
     cells = _cell_positions(len(names), cols)
     rows = max([r for r, _ in cells] + [1]) + 1
 
