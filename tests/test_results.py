@@ -16,14 +16,16 @@ from PIL import Image
 
 from conftest import write_tiff
 from hexfast import open_slide, tile_slide
-from hexfast.codex_grid import encoder_input, grid_shape, occupancy, virtual_codex
+from hexfast.codex_grid import codex_encoder_input, encoder_input, grid_shape, occupancy, virtual_codex
 from hexfast.errors import OutputError
 from hexfast.markers import MARKERS
 from hexfast.ome_tiff import half, pyramid, write_ome_tiff
-from hexfast.outputs import write_scores_h5
 from hexfast.overview import DEFAULT_MARKERS, marker_range, render_overview, write_overview_png
-from hexfast.report import DEMO_WARNING, build_report, mica_summary, to_jsonable, write_report_json
-from hexfast.results import output_paths, outputs_complete, write_slide_outputs
+from hexfast.report import (
+    DEMO_WARNING, build_report, bundle_provenance, mica_from_outputs, mica_summary, to_jsonable, write_report_json,
+)
+from hexfast.results import BundleInfo, SlideWriter, output_paths, outputs_complete, write_slide_outputs
+from hexfast.scores_h5 import ScoresH5, tissue_fraction, write_scores_h5
 
 OME_NS = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
 
@@ -130,6 +132,11 @@ def test_encoder_input_is_channel_first_with_reference_rounding():
     assert x.shape == (40, 7, 9) and x.dtype == np.float32 and x.flags.c_contiguous
     np.testing.assert_array_equal(x[5], grid[..., 5].astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(encoder_input(grid, reference_float16=False)[5], grid[..., 5])
+    coords = np.array([[0, 0], [224, 448], [4000, 100]])
+    markers = np.random.default_rng(3).random((3, 40)).astype(np.float32)
+    x = codex_encoder_input(coords, markers, 224, (5000, 3000))
+    assert x.shape == (40, 3000 // 224 + 1, 5000 // 224 + 1)
+    np.testing.assert_array_equal(x[:, 2, 1], markers[1].astype(np.float16).astype(np.float32))
 
 
 # ---------------------------------------------------------------- result h5
@@ -167,7 +174,7 @@ def test_scores_h5_reads_like_hex_and_mil_tools(scored, tmp_path):
         assert a["bundle_hash"] == "abc123" and bool(a["demo"]) is True
         assert "hexfast_version" in a and "tissue_area_mm2" in a and a["has_features"]
         assert f["codex_prediction"].compression == "gzip" and f["codex_prediction"].chunks[1] == 40
-        assert f["features"].chunks == (min(256, len(grid)), 1024)
+        assert f["features"].chunks == (256, 1024) and f["features"].compression is None
 
 
 def test_scores_h5_without_features_and_empty(scored, blank_slide, tmp_path):
@@ -334,7 +341,7 @@ def test_report_json(scored, tmp_path):
     report = build_report(
         slide, grid, seconds={"tiling": np.float64(0.5), "inference": 1.5}, backend="onnxruntime-cpu",
         bundle_hash="deadbeef", demo=True, mica=mica,
-        bundle_manifest={"exporter_version": "0.1.0", "sources": {"hex": "demo"}, "files": {"a": "…"}},
+        bundle_manifest={"exporter": "hexfast_export 0.1.0", "sources": {"hex": "demo"}, "files": {"a": "…"}},
         extra={"nan_value": float("nan")},
     )
     write_report_json(tmp_path / "report.json", report)
@@ -345,7 +352,7 @@ def test_report_json(scored, tmp_path):
     assert r["slide"]["vendor"] == "generic-tiff" and r["slide"]["dimensions"] == [2400, 1800]
     assert r["slide"]["mpp"] == pytest.approx(0.5) and r["slide"]["tile_size_level0"] == 112
     assert r["slide"]["stride"] == 112 and r["slide"]["magnification"] == 20
-    assert r["bundle"] == {"hash": "deadbeef", "exporter_version": "0.1.0", "sources": {"hex": "demo"}}
+    assert r["bundle"] == {"hash": "deadbeef", "exporter": "hexfast_export 0.1.0", "sources": {"hex": "demo"}}
     assert r["mica"]["risk"] == pytest.approx(-2.42) and len(r["mica"]["hazards"]) == 4
     top = r["mica"]["most_attended"]
     best = int(np.argmax(att.mean(0)))
@@ -382,19 +389,34 @@ def test_h5_failure_midway_leaves_nothing(scored, tmp_path, monkeypatch):
     out.mkdir()
     path = out / "s.h5"
     path.write_bytes(b"previous complete file")
-    real = h5py.Group.create_dataset
+    real = h5py.Dataset.__setitem__
+    calls = []
 
-    def failing(self, name, *args, **kwargs):
-        if name == "features":
+    def failing(self, key, value):
+        calls.append(1)
+        if len(calls) == 5:  # second batch, after the first is on disk
             raise OSError(28, "No space left on device")
-        return real(self, name, *args, **kwargs)
+        return real(self, key, value)
 
-    monkeypatch.setattr(h5py.Group, "create_dataset", failing)
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", failing)
+    monkeypatch.setattr("hexfast.scores_h5.FLUSH_ROWS", 8)  # every batch goes to disk
+    h5 = ScoresH5(path, slide, grid, bundle_hash="x", demo=False)
+    h5.append(grid.coords[:10], pred[:10], feats[:10])
     with pytest.raises(OutputError) as e:
-        write_scores_h5(path, slide, grid, pred, feats, bundle_hash="x", demo=False)
+        h5.append(grid.coords[10:20], pred[10:20], feats[10:20])
     assert_one_line_output_error(e, path)
     assert "No space left" in str(e.value)
     assert files_in(out) == ["s.h5"] and path.read_bytes() == b"previous complete file"
+    h5.abort()  # the pipeline's cleanup after a failure: harmless now
+    assert files_in(out) == ["s.h5"]
+
+
+def test_h5_cannot_be_created(scored, tmp_path):
+    slide, grid, pred, _ = scored
+    path = tmp_path / "missing-dir" / "s.h5"
+    with pytest.raises(OutputError) as e:
+        write_scores_h5(path, slide, grid, pred, None, bundle_hash="x", demo=False)
+    assert_one_line_output_error(e, path)
 
 
 def test_ome_tiff_failure_midway_leaves_nothing(tmp_path, monkeypatch):
@@ -491,3 +513,91 @@ def test_failed_rewrite_is_not_complete(scored, tmp_path, monkeypatch):
     # the old report is gone before the rewrite starts: a half-rewritten set never looks whole
     assert not outputs_complete(out, "synthetic")
     assert files_in(out / "synthetic") == ["overview.png", "synthetic.h5", "virtual_codex.ome.tif"]
+
+
+# ---------------------------------------------------------------- streaming, as the pipeline writes
+
+
+@pytest.mark.parametrize("flush_rows", [16, 4096])
+def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monkeypatch, flush_rows):
+    monkeypatch.setattr("hexfast.scores_h5.FLUSH_ROWS", flush_rows)
+    slide, grid, pred, feats = scored
+    keep = np.ones(len(grid), bool)
+    keep[[3, 17]] = False  # tiles the stream could not read
+    skipped = [(3, *grid.coords[3].tolist(), "JPEG error"), (17, *grid.coords[17].tolist(), "JPEG error")]
+    coords, pred, feats = grid.coords[keep], pred[keep], feats[keep]
+    n = len(coords)
+    bundle = BundleInfo("f" * 64, demo=False, manifest={"exporter": "hexfast_export 0.1.0", "demo": False})
+    writer = SlideWriter(tmp_path / "out", slide, grid, bundle, "onnxruntime-cpu")
+    for i in range(0, n, 7):  # batches smaller than a chunk
+        writer.append(coords[i : i + 7], pred[i : i + 7], feats[i : i + 7])
+    np.testing.assert_array_equal(writer.features(), feats)  # read back for MICA
+    att = np.random.default_rng(7).random((40, n)).astype(np.float32)
+    engine_out = {"hazards": np.float32([[0.1, 0.2, 0.3, 0.4]]), "survival": np.float32([[0.9, 0.7, 0.5, 0.3]]),
+                  "risk": np.float32([-2.4]), "coattn": att}
+
+    class Result:  # the pipeline's SlideResult, as far as the writer looks
+        mica = engine_out
+        seconds = {"stream+hex": 3.0}
+
+    Result.skipped = skipped
+    paths = writer.finish(Result())
+    writer.abort()  # after success: a no-op
+    assert set(paths) == {"h5", "ome_tiff", "overview", "report"}
+    assert outputs_complete(tmp_path / "out", "synthetic", bundle_hash="f" * 64)
+    assert files_in(tmp_path / "out" / "synthetic") == [
+        "overview.png", "report.json", "synthetic.h5", "virtual_codex.ome.tif"
+    ]
+    with h5py.File(paths["h5"], "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], coords)
+        np.testing.assert_array_equal(f["codex_prediction"][:], pred)
+        np.testing.assert_array_equal(f["features"][:], feats)
+        np.testing.assert_array_equal(f["tissue_fraction"][:], grid.fraction[keep])
+    r = json.loads(paths["report"].read_text())
+    assert r["tile_count"] == n and r["grid_tile_count"] == len(grid)
+    assert [t["index"] for t in r["skipped_tiles"]] == [3, 17] and r["skipped_tiles"][0]["error"] == "JPEG error"
+    assert r["mica"]["hazards"] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and r["mica"]["risk"] == pytest.approx(-2.4)
+    best = int(np.argmax(att.mean(0)))
+    assert r["mica"]["most_attended"]["overall"][0]["x"] == int(coords[best, 0])
+    assert r["bundle"]["exporter"] == "hexfast_export 0.1.0" and "warning" not in r
+    with tifffile.TiffFile(paths["ome_tiff"]) as tf:
+        img = tf.series[0].asarray()
+    x, y = coords[5] // grid.stride
+    np.testing.assert_array_equal(img[:, y, x], pred[5])
+    x, y = grid.coords[3] // grid.stride
+    assert not img[:, y, x].any()  # a skipped tile is an empty cell
+
+
+def test_slide_writer_abort_leaves_no_partial_file(scored, tmp_path):
+    slide, grid, pred, feats = scored
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with SlideWriter(out, slide, grid, BundleInfo("a" * 64, True), "cpu") as writer:
+            writer.append(grid.coords[:5], pred[:5], feats[:5])
+            raise RuntimeError("engine failed")
+    assert files_in(out / "synthetic") == []
+    assert not outputs_complete(out, "synthetic")
+
+
+def test_tissue_fraction_lookup(scored):
+    _, grid, _, _ = scored
+    coords = np.concatenate([grid.coords[[5, 2, 9]], [[999_999, 0]]])
+    frac = tissue_fraction(grid, coords)
+    np.testing.assert_array_equal(frac[:3], grid.fraction[[5, 2, 9]])
+    assert np.isnan(frac[3])
+
+
+def test_bundle_provenance_from_a_manifest():
+    manifest = {
+        "schema": 1, "demo": True, "exporter": "hexfast_export 0.1.0", "created": "2026-01-01T00:00:00Z",
+        "markers": list(MARKERS), "tile": {"um": 56.0, "px_at_40x": 224}, "mica_features": "hex-embedding",
+        "sources": {"hex": {"path": "hex.pt", "sha256": "ab"}}, "files": {"hex.onnx": "cd"},
+        "models": {"hex": {"files": {"fp32": "hex.onnx"}, "parity": {"fp32": {"markers": 1e-6}}}},
+    }
+    p = bundle_provenance("h" * 64, manifest)
+    assert p["hash"] == "h" * 64 and p["exporter"] == "hexfast_export 0.1.0" and p["demo"] is True
+    assert p["sources"] == manifest["sources"] and p["mica_features"] == "hex-embedding"
+    assert p["models"] == {"hex": {"parity": {"fp32": {"markers": 1e-6}}}}
+    assert "files" not in p and "markers" not in p
+    summary = mica_summary([0.1] * 4, [0.9] * 4, -1.0)
+    assert mica_from_outputs(summary, np.zeros((0, 2))) == summary

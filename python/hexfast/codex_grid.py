@@ -98,3 +98,13 @@ def encoder_input(grid: np.ndarray, reference_float16: bool = True) -> np.ndarra
     if reference_float16:
         grid = grid.astype(np.float16)
     return np.ascontiguousarray(np.moveaxis(grid, -1, 0), dtype=np.float32)
+
+
+def codex_encoder_input(
+    coords: np.ndarray, markers: np.ndarray, tile_size: int, level0_size: tuple[int, int]
+) -> np.ndarray:
+    """[40, gh, gw] float32 for the CODEX encoder, built exactly as the reference
+    builds its grid: step = the level-0 tile size (not the stride), whole slide
+    from (0, 0), float16 values."""
+    grid, _ = virtual_codex(coords, markers, tile_size, level0_size)
+    return encoder_input(grid, reference_float16=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -14,7 +13,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import __version__
 from .errors import OutputError
-from .markers import MARKERS
 from .slide import Slide
 from .tiling import TileGrid
 
@@ -25,13 +23,18 @@ TILE_COLOUR = (30, 80, 230)
 @contextlib.contextmanager
 def atomic_output(path: Path):
     """Yields a temporary path beside `path`; renames it to `path` on success, removes it on failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_name(path: Path) -> Path:
+    """Hidden, per-process name beside `path`: same filesystem, so the final rename is atomic."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def prepare_output_dir(out: Path) -> Path:
@@ -78,64 +81,6 @@ def write_tiles_h5(path: Path, slide: Slide, grid: TileGrid) -> None:
         for key, value in tile_attrs(slide, grid).items():
             dset.attrs[key] = value
             f.attrs[key] = value
-
-
-def write_scores_h5(
-    path: Path,
-    slide: Slide,
-    grid: TileGrid,
-    codex_prediction: np.ndarray,
-    features: np.ndarray | None = None,
-    *,
-    bundle_hash: str,
-    demo: bool,
-    marker_names: Sequence[str] = MARKERS,
-) -> None:
-    """The per-slide result h5: `coords` (N,2 int64, level-0 top-left), `codex_prediction`
-    (N,40 float32), `features` (N,1024 float32, when computed) and `tissue_fraction`.
-
-    HEX's virtual_codex_from_h5.py reads f["codex_prediction"][:] and f["coords"][:];
-    CLAM/TRIDENT-style MIL tools read f["features"] and f["coords"] (with
-    patch_size / patch_level on coords). Attributes go on the file and on coords.
-    """
-    coords = np.asarray(grid.coords, np.int64).reshape(-1, 2)
-    n = len(coords)
-    codex_prediction = np.asarray(codex_prediction, np.float32)
-    if codex_prediction.shape != (n, len(marker_names)):
-        raise ValueError(f"codex_prediction must be ({n}, {len(marker_names)}), got {codex_prediction.shape}")
-    if features is not None:
-        features = np.asarray(features, np.float32)
-        if features.ndim != 2 or len(features) != n:
-            raise ValueError(f"features must be ({n}, D), got {features.shape}")
-    attrs = tile_attrs(slide, grid) | {
-        "marker_names": list(marker_names),
-        "bundle_hash": bundle_hash,
-        "demo": bool(demo),
-        "has_features": features is not None,
-    }
-    with writing_file(path) as tmp, h5py.File(tmp, "w") as f:
-        dset = f.create_dataset("coords", data=coords, **_h5_layout(coords, rows=8192, compress=True))
-        f.create_dataset("codex_prediction", data=codex_prediction, **_h5_layout(codex_prediction, 4096, True))
-        f["codex_prediction"].attrs["marker_names"] = list(marker_names)
-        if features is not None:
-            # Embeddings are near-incompressible floats: gzip saved ~15% at 10x the
-            # write time (50k x 1024), so they are only chunked (~1 MiB per chunk).
-            f.create_dataset("features", data=features, **_h5_layout(features, 256, False))
-        fraction = np.asarray(grid.fraction, np.float32)
-        f.create_dataset("tissue_fraction", data=fraction, **_h5_layout(fraction, 8192, True))
-        for key, value in attrs.items():
-            dset.attrs[key] = value
-            f.attrs[key] = value
-
-
-def _h5_layout(data: np.ndarray, rows: int, compress: bool) -> dict:
-    """Row-chunked (whole rows: readers slice by tile), gzip+shuffle where it pays."""
-    if len(data) == 0:  # HDF5 chunks must be non-empty
-        return {}
-    layout = {"chunks": (min(len(data), rows), *data.shape[1:])}
-    if compress:
-        layout |= {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-    return layout
 
 
 def write_tissue_png(path: Path, slide: Slide, grid: TileGrid, max_side: int = 2048) -> None:

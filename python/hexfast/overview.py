@@ -54,20 +54,23 @@ def render_overview(
     codex_prediction: np.ndarray,
     *,
     demo: bool,
+    coords: np.ndarray | None = None,
     marker_names: Sequence[str] = MARKERS,
     show: Sequence[str] | str = DEFAULT_MARKERS,
     notes: Sequence[str] = (),
     panel_px: int = 320,
 ) -> Image.Image:
-    """The overview as an RGB image. show: marker names, or "all"; notes: extra title items."""
+    """The overview as an RGB image. codex_prediction (N, 40) for `coords` (default:
+    the grid's; pass the scored tiles when some were skipped). show: marker names,
+    or "all"; notes: extra title items."""
     names = list(marker_names) if show == "all" else list(show)
     unknown = [m for m in names if m not in marker_names]
     if unknown:
         raise ValueError(f"unknown marker(s) {unknown}; known: {list(marker_names)}")
-    values = np.asarray(codex_prediction, np.float32).reshape(len(grid), len(marker_names))
-    coords = np.asarray(grid.coords, np.int64).reshape(-1, 2)
+    coords = np.asarray(grid.coords if coords is None else coords, np.int64).reshape(-1, 2)
+    values = np.asarray(codex_prediction, np.float32).reshape(len(coords), len(marker_names))
 
-    crop = _crop_box(slide, grid)
+    crop = _crop_box(slide, coords, grid.tile_size)
     aspect = (crop[2] - crop[0]) / (crop[3] - crop[1])
     pw, ph = (panel_px, max(1, round(panel_px / aspect))) if aspect >= 1 else (max(1, round(panel_px * aspect)), panel_px)
 
@@ -110,7 +113,7 @@ def render_overview(
 
     margin, gap = 12, 8
     width = max(cols * cell_w, 2 * cell_w) + 2 * margin
-    header = _header_lines(slide, grid, notes, fonts, width - 2 * margin)
+    header = _header_lines(slide, grid, len(coords), notes, fonts, width - 2 * margin)
     banner_h = fonts.banner.size * 2 + 10 if demo else 0
     header_h = banner_h + sum(f.size + 6 for _, f in header) + gap
     height = header_h + rows * cell_h + margin
@@ -162,11 +165,11 @@ class _Fonts:
         self.banner = ImageFont.load_default(size=round(s * 2.2))
 
 
-def _header_lines(slide: Slide, grid: TileGrid, notes, fonts: _Fonts, width: int) -> list:
+def _header_lines(slide: Slide, grid: TileGrid, n: int, notes, fonts: _Fonts, width: int) -> list:
     um = grid.tile_size * slide.mpp
     w, h = slide.dimensions
     facts = [
-        f"{len(grid)} tiles of {grid.tile_size} px ({um:.0f} um), stride {grid.stride} px",
+        f"{n} tiles of {grid.tile_size} px ({um:.0f} um), stride {grid.stride} px",
         f"{slide.mpp:.3f} um/px ({slide.tile.magnification:g}x)",
         f"{w} x {h} px",
         *notes,
@@ -200,13 +203,11 @@ def _cell_positions(n: int, cols: int) -> list[tuple[int, int]]:
     return out
 
 
-def _crop_box(slide: Slide, grid: TileGrid) -> tuple[float, float, float, float]:
+def _crop_box(slide: Slide, c: np.ndarray, t: int) -> tuple[float, float, float, float]:
     """Level-0 box around the tiles plus a tile's margin, clipped to the slide (whole slide when no tiles)."""
     w, h = slide.dimensions
-    if len(grid) == 0:
+    if len(c) == 0:
         return 0.0, 0.0, float(w), float(h)
-    c = np.asarray(grid.coords, np.int64).reshape(-1, 2)
-    t = grid.tile_size
     x0, y0 = c.min(axis=0) - t
     x1, y1 = c.max(axis=0) + 2 * t
     return float(max(0, x0)), float(max(0, y0)), float(min(w, x1)), float(min(h, y1))

@@ -24,8 +24,8 @@ DEMO_DETAIL = (
 REPORT_SCHEMA = 1
 # Manifest fields worth carrying into every report (the rest stays in the bundle).
 MANIFEST_KEYS = (
-    "schema_version", "name", "models", "exporter", "exporter_version", "sources",
-    "source_checkpoints", "features", "created", "demo",
+    "schema", "demo", "exporter", "created", "tile", "input_normalisation", "mica_features",
+    "sources", "environment",
 )
 
 
@@ -74,9 +74,13 @@ def slide_metadata(slide: Slide, grid: TileGrid) -> dict:
 def bundle_provenance(bundle_hash: str | None, manifest: Mapping | None = None) -> dict:
     """The bundle's hash and the manifest fields that say where its weights came from."""
     out = {"hash": bundle_hash}
+    manifest = manifest or {}
     for key in MANIFEST_KEYS:
-        if manifest and key in manifest:
+        if key in manifest:
             out[key] = manifest[key]
+    models = manifest.get("models")
+    if isinstance(models, Mapping):  # which models, and how close the export was to the source
+        out["models"] = {name: {"parity": m.get("parity")} for name, m in models.items() if isinstance(m, Mapping)}
     return out
 
 
@@ -120,6 +124,17 @@ def mica_summary(
     return out
 
 
+def mica_from_outputs(
+    outputs: Mapping, coords: np.ndarray, marker_names: Sequence[str] = MARKERS, top_k: int = 10
+) -> dict:
+    """mica_summary from the MICA engine's outputs (hazards [1,4], survival [1,4], risk [1],
+    coattn [40,N]); a dict mica_summary already made passes through."""
+    if "most_attended" in outputs:
+        return dict(outputs)
+    att = outputs.get("coattn", outputs.get("coattention"))
+    return mica_summary(outputs["hazards"], outputs["survival"], outputs["risk"], att, coords, marker_names, top_k)
+
+
 def build_report(
     slide: Slide,
     grid: TileGrid,
@@ -132,6 +147,8 @@ def build_report(
     mica: Mapping | None = None,
     outputs: Mapping[str, str] | None = None,
     started_at: dt.datetime | None = None,
+    tile_count: int | None = None,
+    skipped: Sequence | None = None,
     extra: Mapping | None = None,
 ) -> dict:
     """The report as a dict (JSON-ready after to_jsonable).
@@ -139,8 +156,10 @@ def build_report(
     seconds: wall time per stage, e.g. {"tiling": .., "inference": .., "total": ..};
     tiles_per_s uses seconds["total"] when given, else the sum of the stages.
     mica: the mica_summary() dict, or None when MICA did not run.
+    tile_count: tiles scored (default: the grid's); skipped: the stream's
+    (index, x, y, message) for tiles that could not be read.
     """
-    n = len(grid)
+    n = len(grid) if tile_count is None else int(tile_count)
     total = seconds.get("total", sum(seconds.values())) if seconds else 0.0
     finished = dt.datetime.now(dt.timezone.utc)
     report: dict = {}
@@ -152,6 +171,10 @@ def build_report(
         "demo": bool(demo),
         "slide": slide_metadata(slide, grid),
         "tile_count": n,
+        "grid_tile_count": len(grid),
+        "skipped_tiles": [
+            {"index": int(i), "x": int(x), "y": int(y), "error": str(msg)} for i, x, y, msg in (skipped or [])
+        ],
         "seconds": dict(seconds),
         "tiles_per_s": n / total if total > 0 else None,
         "backend": backend,
