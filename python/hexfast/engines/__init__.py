@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 
-from . import _cuda
 from . import ort as _ort
 from . import torch_backend as _torch
 from . import trt as _trt

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _cuda
-from .base import Engine, TensorSpec, check_model_file, log
+from .base import Engine, TensorSpec, check_model_file
 from .errors import BackendUnavailable, EngineError, ModelFileError, one_line
 
 PROVIDER = {
