@@ -41,6 +41,17 @@ StainMatrix macenko_estimate(const uint8_t* rgb, size_t n_pixels, const MacenkoP
 void macenko_apply(const uint8_t* src, uint8_t* dst, size_t n_pixels, const StainMatrix& source,
                    const StainMatrix& target, double io = 240) noexcept;
 
+// macenko_apply with its per-slide work (three 256-entry tables) done once,
+// for applying one slide's estimate to every tile. src may equal dst.
+class MacenkoApplier {
+public:
+    MacenkoApplier(const StainMatrix& source, const StainMatrix& target, double io = 240) noexcept;
+    void operator()(const uint8_t* src, uint8_t* dst, size_t n_pixels) const noexcept;
+
+private:
+    alignas(16) float table_[3][256][4];  // [input channel][value][output channel (+pad)]
+};
+
 // False when source vectors are not finite or (nearly) parallel, so the
 // unmixing is ill-posed.
 bool stain_matrix_usable(const StainMatrix& m);

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -127,7 +128,8 @@ TileTransform make_stain_transform(const std::string& method, const py::object& 
             const auto tgt = target.cast<py::tuple>();
             to = stain_input(tgt[0], tgt[1], "he_target", "max_c_target");
         }
-        return [from, to, io](uint8_t* rgb, size_t n) { macenko_apply(rgb, rgb, n, from, to, io); };
+        auto apply = std::make_shared<const MacenkoApplier>(from, to, io);  // tables built once per slide
+        return [apply](uint8_t* rgb, size_t n) { (*apply)(rgb, rgb, n); };
     }
     const LabStats from = stats_input(src[0], src[1], "mean_source", "std_source");
     LabStats to = reinhard_reference();

@@ -166,35 +166,50 @@ void TileStream::worker() {
     else w.argb.resize(n);
     if (resizer_) w.rgb.resize(n * 3);
     for (;;) {
-        size_t index;
+        size_t first, last;
         Slot* s;
         {
             std::unique_lock<std::mutex> lock(mu_);
             if (stop_ || next_tile_ >= n_tiles_) break;
-            index = next_tile_++;
-            const int64_t batch = static_cast<int64_t>(index / p_.batch_size);
+            // A run of consecutive tiles (within one batch): neighbouring grid
+            // tiles share stored tiles, so workers on separate runs rarely wait
+            // for each other's decodes.
+            first = next_tile_;
+            const int64_t batch = static_cast<int64_t>(first / p_.batch_size);
+            const size_t batch_end = std::min(n_tiles_, static_cast<size_t>(batch + 1) * p_.batch_size);
+            last = std::min(batch_end, first + kRunLength);
+            next_tile_ = last;
             s = &slots_[batch % slots_.size()];
             slot_cv_.wait(lock, [&] { return stop_ || s->batch == batch; });
             if (stop_) break;
         }
-        const int pos = static_cast<int>(index % p_.batch_size);
-        std::string err = read_tile(w, static_cast<int64_t>(index), s->tiles.data() + pos * tile_bytes_);
-        std::lock_guard<std::mutex> lock(mu_);
-        if (!err.empty()) {
-            const int64_t x = p_.coords[2 * index], y = p_.coords[2 * index + 1];
-            if (!p_.skip_errors) {
-                if (error_.empty())
-                    error_ = "tile " + std::to_string(index) + " at level-0 (" + std::to_string(x) + ", " +
-                             std::to_string(y) + "): " + err;
-                stop_ = true;
-                ready_cv_.notify_all();
-                slot_cv_.notify_all();
+        bool failed = false;
+        for (size_t index = first; index < last && !failed; ++index) {
+            const int pos = static_cast<int>(index % p_.batch_size);
+            std::string err = read_tile(w, static_cast<int64_t>(index), s->tiles.data() + pos * tile_bytes_);
+            std::lock_guard<std::mutex> lock(mu_);
+            if (stop_) {
+                failed = true;
                 break;
             }
-            s->bad.push_back(pos);
-            skipped_.push_back({static_cast<int64_t>(index), x, y, err});
+            if (!err.empty()) {
+                const int64_t x = p_.coords[2 * index], y = p_.coords[2 * index + 1];
+                if (!p_.skip_errors) {
+                    if (error_.empty())
+                        error_ = "tile " + std::to_string(index) + " at level-0 (" + std::to_string(x) + ", " +
+                                 std::to_string(y) + "): " + err;
+                    stop_ = true;
+                    ready_cv_.notify_all();
+                    slot_cv_.notify_all();
+                    failed = true;
+                    break;
+                }
+                s->bad.push_back(pos);
+                skipped_.push_back({static_cast<int64_t>(index), x, y, err});
+            }
+            if (++s->done == s->count) finish_slot(*s);
         }
-        if (++s->done == s->count) finish_slot(*s);
+        if (failed) break;
     }
     if (w.osr) lib_.close(w.osr);
 }

@@ -84,6 +84,7 @@ public:
     size_t decoded_tiles() const { return direct_ ? direct_->decoded() : 0; }  // direct reader only
 
 private:
+    static constexpr size_t kRunLength = 16;  // tiles a worker takes at a time
     struct Slot {
         int64_t batch = -1;  // batch this slot is assigned to
         int count = 0, done = 0;

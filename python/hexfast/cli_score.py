@@ -1,0 +1,181 @@
+"""`hexfast score` and `hexfast demo`: the product as users meet it."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+DEMO_BANNER = ("DEMO MODEL: untrained random weights. The markers and risk it writes are NOT predictions; "
+               "pass --model BUNDLE with real HEX weights (hexfast export).")
+
+
+def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.ArgumentParser) -> None:
+    from .cli import _positive_int
+    from .engines import BACKENDS
+    from .stain import METHODS
+
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--model", type=Path, help="model bundle directory (default: the bundled, untrained demo model)")
+    run.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: fastest available)")
+    run.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    run.add_argument("--batch-size", type=_positive_int, default=64)
+    run.add_argument("--threads", type=_positive_int, default=2, help="tile-reading threads")
+    run.add_argument("--stain-norm", choices=METHODS, default="none",
+                     help="stain normalisation in the readers (default none: HEX was trained without it)")
+    run.add_argument("--stride", type=_positive_int, help="level-0 px between tiles (default: tile size)")
+
+    score = sub.add_parser("score", parents=[common, mpp, run],
+                           help="score slides: virtual CODEX (40 markers), features, MICA risk")
+    score.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB")
+    score.add_argument("-o", "--out", type=Path, default=Path("hexfast-out"), help="output directory (default hexfast-out)")
+    score.add_argument("--resume", action="store_true", help="skip slides whose outputs are complete")
+    score.set_defaults(run=cmd_score)
+
+    demo = sub.add_parser("demo", parents=[common, run],
+                          help="write a small synthetic H&E slide and score it with the bundled demo model")
+    demo.add_argument("-o", "--out", type=Path, default=Path("hexfast-demo"), help="output directory (default hexfast-demo)")
+    demo.set_defaults(run=cmd_demo, mpp=None)
+
+
+def expand_slides(args: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Slides named by paths, directories (their slide files) and glob patterns;
+    plus (argument, problem) for arguments that name nothing."""
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+            if not files:
+                problems.append((arg, "directory holds no slide files (" + ", ".join(sorted(SLIDE_SUFFIXES)) + ")"))
+            found.extend(files)
+        elif not path.exists() and any(c in arg for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(arg))
+            if not matches:
+                problems.append((arg, "no file matches this pattern"))
+            found.extend(matches)
+        else:
+            found.append(path)  # missing files fail per slide, with the usual message
+    unique = list(dict.fromkeys(found))
+    return unique, problems
+
+
+def _scorer(args):
+    from .pipeline import Scorer
+
+    return Scorer(args.model, args.backend, precision=args.precision, batch_size=args.batch_size,
+                  threads=args.threads, stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp)
+
+
+def _warn_demo() -> None:
+    bar = "!" * 100
+    print(f"{bar}\nhexfast: WARNING: {DEMO_BANNER}\n{bar}", file=sys.stderr)
+
+
+def cmd_score(args) -> int:
+    from .cli import EXIT_ERROR
+    from .outputs import prepare_output_dir
+    from .results import outputs_complete
+
+    out = prepare_output_dir(args.out)
+    slides, problems = expand_slides(args.slides)
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    for arg, problem in problems:
+        print(f"hexfast: error: {arg}: {problem}", file=sys.stderr)
+        rows.append((arg, "FAILED", "-", "-", "-", problem))
+    todo = []
+    for path in slides:
+        if args.resume and outputs_complete(out, path.stem):
+            rows.append((path.name, "done before", "-", "-", "-", str(out / path.stem)))
+        else:
+            todo.append(path)
+    if args.resume and len(todo) < len(slides):
+        print(f"hexfast: --resume: {len(slides) - len(todo)} of {len(slides)} slides already complete", file=sys.stderr)
+
+    failed = len(problems)
+    if todo:
+        with _scorer(args) as scorer:
+            if scorer.bundle.demo:
+                _warn_demo()
+            print(f"hexfast: {scorer.hex.describe()}", file=sys.stderr)
+            failed += _score_all(scorer, todo, out, rows, args)
+    _summary(rows)
+    return EXIT_ERROR if failed else 0
+
+
+def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
+    from tqdm import tqdm
+
+    from .cli import _error
+
+    failed = 0
+    overall = tqdm(total=len(slides), desc="slides", unit="slide", position=0, file=sys.stderr,
+                   dynamic_ncols=True, disable=None)
+    bars: dict[Path, tqdm] = {}
+
+    def progress_for(path: Path):
+        def progress(stage: str, done: int, total: int) -> None:
+            bar = bars.get(path)
+            if bar is None:
+                bar = bars[path] = tqdm(total=total, desc=path.name[:30], unit="tile", position=1, leave=False,
+                                        file=sys.stderr, dynamic_ncols=True, disable=None)
+            bar.update(done - bar.n)
+        return progress
+
+    try:
+        for path, result in scorer.score_many(slides, out, progress=progress_for):
+            bar = bars.pop(path, None)
+            if bar is not None:
+                bar.close()
+            overall.update(1)
+            if isinstance(result, BaseException):
+                failed += 1
+                if args.debug:
+                    raise result
+                overall.clear()
+                _error(result)
+                rows.append((path.name, "FAILED", "-", "-", "-", str(result).removeprefix(f"{path}: ")))
+                continue
+            total = sum(result.seconds.values())
+            rows.append((path.name, "ok", str(len(result.coords)), f"{result.tiles_per_s:.0f}", f"{total:.1f}",
+                         str(result.outputs.get("dir", out / path.stem))))
+            tqdm.write(f"{path.name}: {len(result.coords)} tiles, {result.tiles_per_s:.0f} tiles/s, "
+                       f"{total:.1f} s -> {result.outputs.get('dir', out)}", file=sys.stderr)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        overall.close()
+    return failed
+
+
+def _summary(rows: list) -> None:
+    if not rows:
+        return
+    header = ("slide", "status", "tiles", "tiles/s", "seconds", "output / problem")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[5])
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    bad = sum(r[1] == "FAILED" for r in rows)
+    print(f"{len(rows) - bad} of {len(rows)} slides ok" + (f", {bad} FAILED" if bad else ""))
+
+
+def cmd_demo(args) -> int:
+    from .demo_slide import write_demo_slide
+    from .outputs import prepare_output_dir
+
+    out = prepare_output_dir(args.out)
+    slide = out / "demo-slide.tif"
+    if not slide.exists():
+        start = time.perf_counter()
+        write_demo_slide(slide)
+        print(f"hexfast: wrote a synthetic H&E slide {slide} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    args.slides = [str(slide)]
+    args.resume = False
+    args.mpp = None
+    return cmd_score(args)

@@ -1,0 +1,276 @@
+"""Scoring one slide, or many: TileStream → HEX engine → virtual CODEX →
+CODEX encoder → MICA, then the per-slide outputs.
+
+Reading overlaps inference: the stream's C++ workers fill a bounded ring of
+batches while the engine runs (ONNX Runtime and TensorRT release the GIL).
+With several slides, the next slide is opened, tiled and its first batches
+read while the current one is still in the engine.
+
+    scorer = hexfast.Scorer(backend="auto")
+    result = scorer.score("slide.svs", out="results/")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .bundle import Bundle, load_bundle
+from .engines import create_engine
+from .errors import HexfastError
+from .slide import Slide, open_slide
+from .stream import TileStream
+from .tiling import DEFAULT_MIN_TISSUE, TileGrid, tile_slide
+
+log = logging.getLogger("hexfast.pipeline")
+
+# progress(stage, done, total): stage is "tiles" while the slide streams.
+Progress = Callable[[str, int, int], None]
+
+
+class Cancelled(HexfastError):
+    """Scoring was cancelled (Scorer.cancel())."""
+
+
+@dataclass
+class SlideResult:
+    """What scoring one slide gives. Arrays are in grid order."""
+
+    path: Path
+    coords: np.ndarray                 # (N, 2) int64 level-0 top-left
+    markers: np.ndarray                # (N, 40) float32, the virtual CODEX per tile
+    marker_names: list[str]
+    tile_size: int                     # level-0 px
+    stride: int
+    mpp: float
+    backend: str
+    demo: bool
+    features: np.ndarray | None = None  # (N, 1024) when kept in memory (no output directory)
+    codex_grid: np.ndarray | None = None  # (gh, gw, 40)
+    mica: dict | None = None            # hazards, survival, risk, coattn
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+
+    @property
+    def tiles_per_s(self) -> float:
+        busy = self.seconds.get("stream+hex", 0.0)
+        return len(self.coords) / busy if busy > 0 else 0.0
+
+
+@dataclass
+class _Prepared:
+    slide: Slide
+    grid: TileGrid
+    stream: TileStream | None
+    seconds: dict[str, float]
+
+
+class Scorer:
+    """Loads a model bundle's engines once; scores slides with them.
+
+    `model`: a bundle directory, a Bundle, or None for the bundled demo model
+    (untrained: everything it writes says so). `cancel()` may be called from
+    any thread; the running `score` stops at the next batch and raises Cancelled.
+    """
+
+    def __init__(self, model: str | os.PathLike | Bundle | None = None, backend: str = "auto", *,
+                 precision: str = "fp32", batch_size: int = 64, threads: int = 2, stain_norm: str = "none",
+                 stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
+                 engine_threads: int | None = None):
+        self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
+        self.batch_size = batch_size
+        self.threads = threads
+        self.stain_norm = stain_norm
+        self.stride = stride
+        self.mpp = mpp
+        self.min_tissue = min_tissue
+        self._cancel = threading.Event()
+
+        def engine(name: str):
+            return create_engine(self.bundle.model_path(name, precision), backend, precision=precision,
+                                 plan_dir=self.bundle.engine_cache_dir(name), threads=engine_threads)
+
+        self.hex = engine("hex")
+        # The slide-level models are small: one run per slide.
+        self.codex_encoder = engine("codex_encoder") if self.bundle.has("codex_encoder") else None
+        self.mica = engine("mica") if self.bundle.has("mica") and self.codex_encoder else None
+        self.backend = self.hex.backend
+        log.info("HEX engine: %s", self.hex.describe())
+
+    # ------------------------------------------------------------- control
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        for engine in (self.hex, self.codex_encoder, self.mica):
+            if engine is not None:
+                engine.close()
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- scoring
+
+    def score(self, path: str | os.PathLike, out: str | os.PathLike | None = None,
+              progress: Progress | None = None) -> SlideResult:
+        """Scores one slide; with `out`, writes OUT/<stem>/ and keeps features on disk only."""
+        self._cancel.clear()
+        return self._finish(self._prepare(Path(path)), out, progress)
+
+    def score_many(self, paths: Iterable[str | os.PathLike], out: str | os.PathLike | None = None,
+                   progress: Callable[[Path], Progress | None] | None = None
+                   ) -> Iterator[tuple[Path, SlideResult | BaseException]]:
+        """Scores slides in turn, preparing the next (open, tile, first batches)
+        while the current one runs. Yields (path, result or the exception it
+        raised): a failed slide does not stop the others."""
+        self._cancel.clear()
+        paths = [Path(p) for p in paths]
+        pool = ThreadPoolExecutor(1, thread_name_prefix="hexfast-prepare")
+        ahead: Future | None = pool.submit(self._prepare, paths[0]) if paths else None
+        try:
+            for i, path in enumerate(paths):
+                current, ahead = ahead, None
+                try:
+                    prepared = current.result()
+                except Exception as e:  # noqa: BLE001 - reported per slide
+                    prepared = e
+                if i + 1 < len(paths) and not self._cancel.is_set():
+                    ahead = pool.submit(self._prepare, paths[i + 1])
+                if isinstance(prepared, Exception):
+                    yield path, prepared
+                    continue
+                try:
+                    result: SlideResult | Exception = self._finish(prepared, out, progress(path) if progress else None)
+                except Cancelled:
+                    raise
+                except Exception as e:  # noqa: BLE001 - reported per slide
+                    result = e
+                yield path, result
+        finally:  # cancelled, failed or abandoned: close the slide prepared ahead
+            if ahead is not None:
+                ahead.add_done_callback(_discard)
+            pool.shutdown(wait=False)
+
+    def _prepare(self, path: Path) -> _Prepared:
+        """Open, tile and start streaming (the workers begin filling the ring)."""
+        start = time.perf_counter()
+        slide = open_slide(path, self.mpp)
+        try:
+            grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue)
+            tiled = time.perf_counter()
+            stream = None
+            if len(grid):
+                stream = TileStream(slide, grid.coords, batch_size=self.batch_size, threads=self.threads,
+                                    stain_norm=self.stain_norm)
+        except BaseException:
+            slide.close()
+            raise
+        return _Prepared(slide, grid, stream, {"tissue+grid": tiled - start,
+                                               "stream start": time.perf_counter() - tiled})
+
+    def _finish(self, prep: _Prepared, out, progress: Progress | None) -> SlideResult:
+        from .results import SlideWriter
+
+        slide, grid = prep.slide, prep.grid
+        writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend) if out is not None else None
+        try:
+            result = SlideResult(
+                path=slide.path, coords=grid.coords, markers=np.zeros((0, 40), np.float32),
+                marker_names=list(self.bundle.markers), tile_size=grid.tile_size, stride=grid.stride,
+                mpp=slide.mpp, backend=self.backend, demo=self.bundle.demo, seconds=dict(prep.seconds))
+            markers, features = self._run_hex(prep, writer, progress, result)
+            result.coords = markers[0]
+            result.markers = markers[1]
+            result.features = features
+            self._run_slide_models(result, writer)
+            if writer is not None:
+                start = time.perf_counter()
+                result.outputs = writer.finish(result)
+                result.seconds["outputs"] = time.perf_counter() - start
+            return result
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            if prep.stream is not None:
+                prep.stream.close()
+            slide.close()
+
+    def _run_hex(self, prep: _Prepared, writer, progress: Progress | None, result: SlideResult):
+        """Streams the slide through the HEX engine. Markers and coords stay in
+        memory (176 bytes a tile); features go to the writer when there is one."""
+        total = len(prep.grid)
+        coords_parts, marker_parts, feature_parts = [], [], []
+        done = 0
+        start = time.perf_counter()
+        engine_s = 0.0
+        if progress:
+            progress("tiles", 0, total)
+        if prep.stream is not None:
+            for coords, tiles in prep.stream:
+                if self._cancel.is_set():
+                    raise Cancelled(f"{prep.slide.path}: cancelled after {done} of {total} tiles")
+                t = time.perf_counter()
+                out = self.hex.run({"tiles": tiles})
+                engine_s += time.perf_counter() - t
+                coords = np.array(coords)
+                coords_parts.append(coords)
+                marker_parts.append(np.asarray(out["markers"], np.float32))
+                features = np.asarray(out["embedding"], np.float32)
+                if writer is not None:
+                    writer.append(coords, marker_parts[-1], features)
+                else:
+                    feature_parts.append(features)
+                done += len(coords)
+                if progress:
+                    progress("tiles", done, total)
+            result.skipped = prep.stream.skipped
+        result.seconds["stream+hex"] = time.perf_counter() - start
+        result.seconds["hex engine"] = engine_s
+        coords = np.concatenate(coords_parts) if coords_parts else np.zeros((0, 2), np.int64)
+        markers = np.concatenate(marker_parts) if marker_parts else np.zeros((0, 40), np.float32)
+        features = None
+        if writer is None:
+            features = np.concatenate(feature_parts) if feature_parts else np.zeros((0, 1024), np.float32)
+        return (coords, markers), features
+
+    def _run_slide_models(self, result: SlideResult, writer) -> None:
+        from .codex_grid import virtual_codex
+
+        start = time.perf_counter()
+        result.codex_grid = virtual_codex(result.coords, result.markers, result.stride)[0]
+        result.seconds["virtual codex"] = time.perf_counter() - start
+        if self.mica is None or len(result.coords) == 0:
+            return
+        start = time.perf_counter()
+        codex = np.ascontiguousarray(np.transpose(result.codex_grid, (2, 0, 1)), np.float32)
+        codex_features = self.codex_encoder.run({"codex": codex})["features"]
+        features = result.features if writer is None else writer.features()
+        out = self.mica.run({"h_path": np.asarray(features, np.float32), "h_codex": codex_features})
+        result.mica = {name: np.asarray(value) for name, value in out.items()}
+        result.seconds["codex encoder+mica"] = time.perf_counter() - start
+
+
+def _discard(future: Future) -> None:
+    """Closes a slide prepared ahead that will not be scored."""
+    try:
+        prepared = future.result()
+    except Exception:  # noqa: BLE001 - it was never going to be used
+        return
+    if prepared.stream is not None:
+        prepared.stream.close()
+    prepared.slide.close()
