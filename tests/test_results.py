@@ -538,7 +538,8 @@ def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monke
 
     class Result:  # the pipeline's SlideResult, as far as the writer looks
         mica = engine_out
-        seconds = {"stream+hex": 3.0}
+        seconds = {"stream+hex": 3.0, "hex engine": 2.5}
+        tiles_per_s = n / 3.0
 
     Result.skipped = skipped
     paths = writer.finish(Result())
@@ -555,6 +556,7 @@ def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monke
         np.testing.assert_array_equal(f["tissue_fraction"][:], grid.fraction[keep])
     r = json.loads(paths["report"].read_text())
     assert r["tile_count"] == n and r["grid_tile_count"] == len(grid)
+    assert r["tiles_per_s"] == pytest.approx(n / 3.0) and r["wall_seconds"] > 0
     assert [t["index"] for t in r["skipped_tiles"]] == [3, 17] and r["skipped_tiles"][0]["error"] == "JPEG error"
     assert r["mica"]["hazards"] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and r["mica"]["risk"] == pytest.approx(-2.4)
     best = int(np.argmax(att.mean(0)))

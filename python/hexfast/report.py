@@ -149,18 +149,22 @@ def build_report(
     started_at: dt.datetime | None = None,
     tile_count: int | None = None,
     skipped: Sequence | None = None,
+    tiles_per_s: float | None = None,
     extra: Mapping | None = None,
 ) -> dict:
     """The report as a dict (JSON-ready after to_jsonable).
 
-    seconds: wall time per stage, e.g. {"tiling": .., "inference": .., "total": ..};
-    tiles_per_s uses seconds["total"] when given, else the sum of the stages.
+    seconds: wall time per stage, e.g. {"tiling": .., "inference": .., "total": ..}.
+    tiles_per_s: the caller's figure (the pipeline's: tiles over streaming+HEX
+    time); otherwise tiles over seconds["total"], else over the sum of the stages.
     mica: the mica_summary() dict, or None when MICA did not run.
     tile_count: tiles scored (default: the grid's); skipped: the stream's
     (index, x, y, message) for tiles that could not be read.
     """
     n = len(grid) if tile_count is None else int(tile_count)
-    total = seconds.get("total", sum(seconds.values())) if seconds else 0.0
+    if tiles_per_s is None:
+        total = seconds.get("total", sum(seconds.values())) if seconds else 0.0
+        tiles_per_s = n / total if total > 0 else None
     finished = dt.datetime.now(dt.timezone.utc)
     report: dict = {}
     if demo:
@@ -176,13 +180,14 @@ def build_report(
             {"index": int(i), "x": int(x), "y": int(y), "error": str(msg)} for i, x, y, msg in (skipped or [])
         ],
         "seconds": dict(seconds),
-        "tiles_per_s": n / total if total > 0 else None,
+        "tiles_per_s": tiles_per_s,
         "backend": backend,
         "bundle": bundle_provenance(bundle_hash, bundle_manifest),
         "mica": dict(mica) if mica is not None else None,
         "outputs": dict(outputs or {}),
         "started_at": started_at.isoformat() if started_at else None,
         "finished_at": finished.isoformat(),
+        "wall_seconds": (finished - started_at).total_seconds() if started_at else None,
     }
     if extra:
         report |= dict(extra)

@@ -117,17 +117,19 @@ class SlideWriter:
         mica: Mapping | None = None,
         seconds: Mapping[str, float] | None = None,
         skipped: Sequence | None = None,
+        tiles_per_s: float | None = None,
     ) -> dict[str, Path]:
         """Close the h5, then write the OME-TIFF, the overview and (last) report.json.
 
-        result: the pipeline's SlideResult (its .mica, .seconds and .skipped are
-        used), or pass mica / seconds / skipped directly. mica: the MICA
+        result: the pipeline's SlideResult (its .mica, .seconds, .skipped and
+        .tiles_per_s are used), or pass those directly. mica: the MICA
         engine's outputs (hazards, survival, risk, coattn) or a mica_summary().
         """
         if result is not None:
             mica = mica if mica is not None else getattr(result, "mica", None)
             seconds = seconds if seconds is not None else getattr(result, "seconds", None)
             skipped = skipped if skipped is not None else getattr(result, "skipped", None)
+            tiles_per_s = tiles_per_s if tiles_per_s is not None else getattr(result, "tiles_per_s", None)
         t0 = time.perf_counter()
         coords = self._h5.read("coords")
         markers = self._h5.read("codex_prediction")
@@ -149,7 +151,7 @@ class SlideWriter:
         report = build_report(
             slide, grid, seconds=stages, backend=self.backend, bundle_hash=self.bundle.hash,
             demo=self.bundle.demo, bundle_manifest=getattr(self.bundle, "manifest", None), mica=summary,
-            started_at=self.started_at, tile_count=len(coords), skipped=skipped,
+            started_at=self.started_at, tile_count=len(coords), skipped=skipped, tiles_per_s=tiles_per_s,
             outputs={k: v.name for k, v in p.as_dict().items() if k != "report"},
         )
         write_report_json(p.report, report)
