@@ -39,8 +39,8 @@ from hexfast.markers import MARKERS
 from .hex_model import HexModel
 from .mica import Mica
 from .onnx_export import (
-    OPSET, codex_parity, convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, hex_parity,
-    mica_parity, onnx_session, worst,
+    CODEX_OUTPUT_NAMES, MICA_OUTPUT_NAMES, OPSET, OUTPUT_NAMES, CodexGraph, HexGraph, MicaGraph, compare,
+    convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, onnx_session, worst,
 )
 
 SCHEMA = 1
@@ -156,8 +156,9 @@ def _rounded(figures: dict[str, float]) -> dict[str, float]:
     return {k: float(f"{v:.3g}") for k, v in figures.items()}
 
 
-def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], None],
-                  parity: Callable[[object], dict[str, float]], log: Callable[[str], None]) -> dict:
+def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], None], graph: nn.Module,
+                  outputs: tuple[str, ...], cases: list[dict[str, np.ndarray]], log: Callable[[str], None]) -> dict:
+    """Export one model (fp32, fp16), then run every parity case through torch once and through each file."""
     files = {"fp32": f"{name}.onnx"}
     export(work / files["fp32"])
     if fp16:
@@ -165,16 +166,24 @@ def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], No
         convert_fp16(work / files["fp32"], work / files["fp16"])
     entry: dict = {"files": files}
     entry["inputs"], entry["outputs"] = _signature(work / files["fp32"])
+    graph = graph.eval()
+    with torch.no_grad():
+        refs = [[r.numpy() for r in _as_tuple(graph(*(torch.from_numpy(v) for v in case.values())))]
+                for case in cases]
     entry["parity"] = {}
     for precision, file in files.items():
         session = onnx_session(work / file)
-        figures = parity(session)
+        figures = worst(*(compare(outputs, ref, session.run(list(outputs), case)) for ref, case in zip(refs, cases)))
         del session
         log(f"{name} {precision}: ONNX Runtime vs torch fp32, max|Δ|/max|ref| "
             + ", ".join(f"{k} {v:.2e}" for k, v in figures.items()))
         _check(name, precision, figures)
         entry["parity"][precision] = _rounded(figures)
     return entry
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: nn.Module | None = None,
@@ -196,15 +205,15 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
         batches = _by_size(tiles)
         models: dict[str, dict] = {}
         models["hex"] = _export_model(
-            "hex", work, fp16, lambda p: export_hex_onnx(hex_model, p),
-            lambda s: worst(*(hex_parity(hex_model, s, b) for b in batches)), log)
+            "hex", work, fp16, lambda p: export_hex_onnx(hex_model, p), HexGraph(hex_model), OUTPUT_NAMES,
+            [{"tiles": b} for b in batches], log)
         models["hex"]["parity_data"] = (f"{len(tiles)} real H&E tiles ({', '.join(sorted({f'{t.shape[0]} px' for t in tiles}))})")
         if codex_encoder is not None:
             grids = codex_parity_grids()
             models["codex_encoder"] = _export_model(
                 "codex_encoder", work, fp16,
                 lambda p: export_codex_onnx(codex_encoder, p, quantisation=codex_quantisation),
-                lambda s: worst(*(codex_parity(codex_encoder, s, g, codex_quantisation) for g in grids)), log)
+                CodexGraph(codex_encoder, codex_quantisation), CODEX_OUTPUT_NAMES, [{"codex": g} for g in grids], log)
             models["codex_encoder"]["parity_data"] = "seeded synthetic sparse grids 30x30, 57x41, 300x260"
             models["codex_encoder"]["input_normalisation"] = (
                 CODEX_NORMALISATION if codex_quantisation == "scale" else CODEX_TRUNCATE_NORMALISATION)
@@ -213,8 +222,8 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
         if mica is not None:
             bags = mica_parity_bags(mica.cfg.path_dim, mica.cfg.codex_dim)
             models["mica"] = _export_model(
-                "mica", work, fp16, lambda p: export_mica_onnx(mica, p),
-                lambda s: worst(*(mica_parity(mica, s, hp, hc) for hp, hc in bags)), log)
+                "mica", work, fp16, lambda p: export_mica_onnx(mica, p), MicaGraph(mica), MICA_OUTPUT_NAMES,
+                [{"h_path": hp, "h_codex": hc} for hp, hc in bags], log)
             models["mica"]["parity_data"] = "seeded Gaussian bags of 1, 37 and 1000 tiles"
             models["mica"]["config"] = {"fusion": mica.cfg.fusion, "pooling": mica.cfg.pooling,
                                         "transformer_mode": mica.cfg.transformer_mode}

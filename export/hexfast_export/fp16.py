@@ -41,7 +41,7 @@ def convert_fp16_regions(src: str | os.PathLike, dst: str | os.PathLike, *, keep
 
     model = onnx.load(str(src))
     graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
     elem: dict[str, int] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         elem[vi.name] = vi.type.tensor_type.elem_type
@@ -135,6 +135,26 @@ def convert_fp16_regions(src: str | os.PathLike, dst: str | os.PathLike, *, keep
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return Path(dst)
+
+
+def _without_weights(model):
+    """A copy for type inference where large float initializers are graph inputs (no data copied)."""
+    from onnx import helper
+
+    light = type(model)()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for t in model.graph.initializer:
+        if t.data_type == FLOAT and len(t.raw_data) > 4096:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    return light
 
 
 def _toposort(nodes, available: set[str]):
