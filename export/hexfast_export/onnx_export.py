@@ -1,11 +1,26 @@
-"""ONNX export of HEX with its preprocessing inside the graph, and a parity check.
+"""ONNX export of HEX, the CODEX encoder and MICA (preprocessing inside the graphs), fp16 variants,
+and parity checks against torch with ONNX Runtime.
 
-Graph: `tiles` uint8 [batch, height, width, 3] RGB (any size; the reference's
+HEX graph: `tiles` uint8 [batch, height, width, 3] RGB (any size; the reference's
 112 / 224 / 448 px tiles, or 384 px tiles already resized by the TileStream)
 → PIL-exact bilinear resize to 384 (see preprocess.py) → (x/255 - 0.5)/0.5 →
 MUSK encoder → `markers` float32 [batch, 40] and `embedding` float32
 [batch, 1024] (CLS after the final LayerNorm). Batch, height and width are
 dynamic. Exported with the TorchScript-based exporter (`dynamo=False`), opset 17.
+
+CODEX encoder graph: `codex` float32 [40, gh, gw] (the virtual CODEX grid,
+channel-first, any gh/gw up to 4095) → float16 rounding, 8-bit quantisation,
+Pillow-exact bicubic resize to 224 (codex_preprocess.py), ImageNet mean/std
+→ DINOv2 ViT-S/14-reg4 → `features` float32 [40, 384] (CLS after the final norm).
+
+MICA graph: `h_path` float32 [N, 1024] (dynamic N), `h_codex` float32
+[40, 384] → `hazards` [1, 4], `survival` [1, 4], `risk` [1], `coattn` [40, N].
+
+fp16 variants (`convert_fp16`): every float tensor except the graph inputs and
+outputs and the `/preprocess/` block becomes float16 (ONNX Runtime's float16
+converter, keep_io_types), so a runtime feeds the same arrays to either file;
+the preprocessing stays float32 because the exact resize needs integer sums
+up to 2^24.
 """
 
 from __future__ import annotations
@@ -18,12 +33,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .codex_preprocess import CodexPreprocess
 from .hex_model import HexModel
+from .mica import Mica
 from .preprocess import HexPreprocess
 
 OPSET = 17
 INPUT_NAME = "tiles"
 OUTPUT_NAMES = ("markers", "embedding")
+CODEX_INPUT_NAME = "codex"
+CODEX_OUTPUT_NAMES = ("features",)
+MICA_INPUT_NAMES = ("h_path", "h_codex")
+MICA_OUTPUT_NAMES = ("hazards", "survival", "risk", "coattn")
+FP32_BLOCK_PREFIX = "/preprocess/"  # node-name prefix of the in-graph preprocessing (kept float32 in fp16 files)
 
 
 class HexGraph(nn.Module):
@@ -35,9 +57,53 @@ class HexGraph(nn.Module):
         self.model = model
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.visual(self.preprocess(tiles))
+        embedding = self.model.encode(self.preprocess(tiles))
         markers, _ = self.model.forward_head(embedding)
         return markers, embedding
+
+
+class CodexGraph(nn.Module):
+    """codex float32 [40, gh, gw] → features [40, 384]: what the CODEX encoder ONNX file computes.
+
+    `encoder`: DINOv2 ViT-S/14-reg4 (Dinov2Encoder) or any module mapping ImageNet-normalised
+    [B, 3, 224, 224] to [B, D]; `encoder.cfg.img_size` is the resize target."""
+
+    def __init__(self, encoder: nn.Module, quantisation: str = "scale"):
+        super().__init__()
+        self.preprocess = CodexPreprocess(encoder.cfg.img_size, quantisation)
+        self.encoder = encoder
+
+    def forward(self, codex: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.preprocess(codex))
+
+
+class MicaGraph(nn.Module):
+    """(h_path [N,1024], h_codex [40,384]) → (hazards [1,4], survival [1,4], risk [1], coattn [40,N])."""
+
+    def __init__(self, mica: Mica):
+        super().__init__()
+        self.mica = mica
+
+    def forward(self, h_path: torch.Tensor, h_codex: torch.Tensor):
+        out = self.mica(h_path, h_codex)
+        # survival = cumprod(1 - hazards) written as a product chain: ONNX has no CumProd; the classes are few
+        # and the multiplications happen in the same order, so the values are the same.
+        keep = 1 - out.hazards
+        columns = [keep[:, :1]]
+        for k in range(1, keep.shape[1]):
+            columns.append(columns[-1] * keep[:, k:k + 1])
+        survival = torch.cat(columns, dim=1)
+        return out.hazards, survival, -survival.sum(dim=1), out.coattn
+
+
+def _export(graph: nn.Module, example: tuple, path: Path, inputs, outputs, axes: dict, opset: int) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of dynamo=True (which needs onnxscript);
+        # it is the one used here, deliberately.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(graph, example, str(path), dynamo=False, opset_version=opset,
+                          input_names=list(inputs), output_names=list(outputs), dynamic_axes=axes,
+                          do_constant_folding=True)
 
 
 def export_hex_onnx(model: HexModel, path: str | os.PathLike, *, example_size: int = 224, opset: int = OPSET) -> Path:
@@ -47,35 +113,78 @@ def export_hex_onnx(model: HexModel, path: str | os.PathLike, *, example_size: i
     example = torch.zeros(2, example_size, example_size, 3, dtype=torch.uint8)
     axes = {INPUT_NAME: {0: "batch", 1: "height", 2: "width"}}
     axes.update({name: {0: "batch"} for name in OUTPUT_NAMES})
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated in favour of dynamo=True (which needs onnxscript);
-        # it is the one used here, deliberately.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        torch.onnx.export(graph, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
-                          do_constant_folding=True)
-    _name_output_dims(path, {"markers": model.regression_head1[0].out_features, "embedding": model.cfg.dim})
+    _export(graph, (example,), path, [INPUT_NAME], OUTPUT_NAMES, axes, opset)
+    _set_dims(path, {"markers": {1: model.regression_head1[0].out_features}, "embedding": {1: model.embed_dim}})
     return path
 
 
-def _name_output_dims(path: Path, widths: dict[str, int]) -> None:
-    """Write the fixed output widths into the graph signature (the tracer leaves them symbolic)."""
+def export_codex_onnx(encoder: nn.Module, path: str | os.PathLike, *, quantisation: str = "scale",
+                      channels: int = 40, opset: int = OPSET) -> Path:
+    """Write the CODEX encoder graph (dynamic gh, gw; `channels` fixed) to `path`; returns the path."""
+    path = Path(path)
+    graph = CodexGraph(encoder, quantisation).eval().float()
+    example = torch.rand(channels, 30, 23, generator=torch.Generator().manual_seed(0)) * 0.1
+    axes = {CODEX_INPUT_NAME: {1: "grid_height", 2: "grid_width"}}
+    _export(graph, (example,), path, [CODEX_INPUT_NAME], CODEX_OUTPUT_NAMES, axes, opset)
+    with torch.no_grad():
+        width = int(graph(example[:, :2, :2]).shape[1])
+    _set_dims(path, {CODEX_OUTPUT_NAMES[0]: {0: channels, 1: width}})
+    return path
+
+
+def export_mica_onnx(mica: Mica, path: str | os.PathLike, *, channels: int = 40, opset: int = OPSET) -> Path:
+    """Write MICA (dynamic number of tiles N) to `path`; returns the path."""
+    path = Path(path)
+    graph = MicaGraph(mica).eval().float()
+    cfg = mica.cfg
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.randn(7, cfg.path_dim, generator=gen), torch.randn(channels, cfg.codex_dim, generator=gen))
+    axes = {"h_path": {0: "tiles"}, "coattn": {1: "tiles"}}
+    _export(graph, example, path, MICA_INPUT_NAMES, MICA_OUTPUT_NAMES, axes, opset)
+    _set_dims(path, {"hazards": {0: 1, 1: cfg.n_classes}, "survival": {0: 1, 1: cfg.n_classes}, "risk": {0: 1},
+                     "coattn": {0: channels}})
+    return path
+
+
+def _set_dims(path: Path, dims: dict[str, dict[int, int]]) -> None:
+    """Write fixed output sizes into the graph signature (the tracer leaves some symbolic)."""
     import onnx
 
     proto = onnx.load(str(path))
     for output in proto.graph.output:
-        if output.name in widths:
-            output.type.tensor_type.shape.dim[1].dim_value = widths[output.name]
+        for axis, size in dims.get(output.name, {}).items():
+            dim = output.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_value = size
     onnx.save(proto, str(path))
+
+
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_fp32_prefix: str = FP32_BLOCK_PREFIX) -> Path:
+    """fp16 copy of an fp32 ONNX file: inputs/outputs keep their types (cast in-graph), nodes whose name
+    starts with `keep_fp32_prefix` (the preprocessing) stay float32 (see fp16.py)."""
+    from .fp16 import convert_fp16_regions
+
+    return convert_fp16_regions(src, dst, keep_prefix=keep_fp32_prefix)
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only (fp16 graphs log constant-folding notes)
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(names, ref, got) -> dict[str, dict[str, float]]:
+    """max |Δ| and max |Δ| / max |ref| per output."""
+    figures = {}
+    for name, r, g in zip(names, ref, got):
+        r = r.numpy() if isinstance(r, torch.Tensor) else np.asarray(r)
+        diff = float(np.abs(np.asarray(g, np.float64) - r).max()) if r.size else 0.0
+        figures[name] = {"max_abs": diff, "max_rel": diff / max(float(np.abs(r).max()) if r.size else 0.0, 1e-30)}
+    return figures
 
 
 def hex_parity(model: HexModel, session, tiles: np.ndarray) -> dict[str, dict[str, float]]:
@@ -83,9 +192,33 @@ def hex_parity(model: HexModel, session, tiles: np.ndarray) -> dict[str, dict[st
     with torch.no_grad():
         ref = HexGraph(model).eval()(torch.from_numpy(np.ascontiguousarray(tiles)))
     got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(tiles)})
-    figures = {}
-    for name, r, g in zip(OUTPUT_NAMES, ref, got):
-        r = r.numpy()
-        diff = float(np.abs(g - r).max())
-        figures[name] = {"max_abs": diff, "max_rel": diff / max(float(np.abs(r).max()), 1e-30)}
-    return figures
+    return compare(OUTPUT_NAMES, ref, got)
+
+
+def codex_parity(encoder: nn.Module, session, codex: np.ndarray, quantisation: str = "scale"
+                 ) -> dict[str, dict[str, float]]:
+    """ONNX Runtime vs torch on one float32 grid [40, gh, gw]."""
+    codex = np.ascontiguousarray(codex, dtype=np.float32)
+    with torch.no_grad():
+        ref = CodexGraph(encoder, quantisation).eval()(torch.from_numpy(codex))
+    got = session.run(list(CODEX_OUTPUT_NAMES), {CODEX_INPUT_NAME: codex})
+    return compare(CODEX_OUTPUT_NAMES, [ref], got)
+
+
+def mica_parity(mica: Mica, session, h_path: np.ndarray, h_codex: np.ndarray) -> dict[str, dict[str, float]]:
+    """ONNX Runtime vs torch on one slide's bags."""
+    h_path = np.ascontiguousarray(h_path, dtype=np.float32)
+    h_codex = np.ascontiguousarray(h_codex, dtype=np.float32)
+    with torch.no_grad():
+        ref = MicaGraph(mica).eval()(torch.from_numpy(h_path), torch.from_numpy(h_codex))
+    got = session.run(list(MICA_OUTPUT_NAMES), {"h_path": h_path, "h_codex": h_codex})
+    return compare(MICA_OUTPUT_NAMES, ref, got)
+
+
+def worst(*figures: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per output, the largest max_rel over several parity runs."""
+    out: dict[str, float] = {}
+    for fig in figures:
+        for name, f in fig.items():
+            out[name] = max(out.get(name, 0.0), f["max_rel"])
+    return out

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .bench import CASES
+from .cli_models import add_model_commands
 from .errors import HexfastError
 from .outputs import prepare_output_dir, write_tiles_h5, write_tissue_png
 from .slide import Slide, open_slide
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     stream.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     stream.set_defaults(run=cmd_bench_stream)
+
+    add_model_commands(sub, common)  # export, build-engines (cli_models.py)
     return parser
 
 

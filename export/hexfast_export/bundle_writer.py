@@ -1,0 +1,282 @@
+"""Model bundle writer: ONNX files + manifest.json, parity measured at export, written atomically.
+
+Layout (read by `hexfast.bundle.load_bundle`, which needs no torch):
+
+    BUNDLE/manifest.json
+    BUNDLE/hex.onnx, hex.fp16.onnx
+    BUNDLE/codex_encoder.onnx, codex_encoder.fp16.onnx     (optional)
+    BUNDLE/mica.onnx, mica.fp16.onnx                       (optional)
+    BUNDLE/engines/<gpu>-trt<version>/                     (TensorRT plans, built later on the target)
+
+Every export runs each ONNX file with ONNX Runtime (CPU) against the torch
+model it came from and refuses to write a bundle whose figures exceed
+max|Δ|/max|ref| 1e-4 (fp32) or 1e-2 (fp16) for any output. HEX is checked
+on real H&E tiles (the CMU-1-Small-Region crops shipped in data/, plus any
+`parity_tiles` given), the CODEX encoder on seeded synthetic grids of several
+sizes (sparse, values like HEX predictions), MICA on seeded Gaussian bags of
+1, 37 and 1000 tiles.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hexfast import __version__
+from hexfast.errors import HexfastError
+from hexfast.markers import MARKERS
+
+from .hex_model import HexModel
+from .mica import Mica
+from .onnx_export import (
+    CODEX_OUTPUT_NAMES, MICA_OUTPUT_NAMES, OPSET, OUTPUT_NAMES, CodexGraph, HexGraph, MicaGraph, compare,
+    convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, onnx_session, worst,
+)
+
+SCHEMA = 1
+TILE = {"um": 56.0, "px_at_40x": 224}
+INPUT_NORMALISATION = "in graph: PIL-exact bilinear resize to 384, x/255, (x-0.5)/0.5"
+CODEX_NORMALISATION = ("in graph: float16 rounding, clip to [0,1], x255, round half to even (uint8 values), "
+                       "repeat to 3 channels, PIL-exact bicubic resize to 224, x/255, ImageNet mean/std")
+CODEX_TRUNCATE_NORMALISATION = ("in graph: float16 rounding, truncation to uint8 values (the published script's "
+                                "astype('uint8')), repeat to 3 channels, PIL-exact bicubic resize to 224, x/255, "
+                                "ImageNet mean/std")
+MICA_FEATURES = "hex-embedding"
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+PARITY_DIR = Path(__file__).parent / "data" / "parity_tiles"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DTYPES = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 10: "float16", 11: "float64"}
+
+
+class ExportError(HexfastError):
+    """An export that cannot be completed; one line naming the file or model and the problem."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- parity inputs
+
+
+def read_tiles(paths: Iterable[Path]) -> list[np.ndarray]:
+    from PIL import Image
+
+    tiles = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                tiles.append(np.asarray(im.convert("RGB")))
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"{p}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    return tiles
+
+
+def tile_files(directory: str | os.PathLike) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"{d}: not a directory of tile images")
+    files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ExportError(f"{d}: holds no tile images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def default_parity_tiles() -> list[np.ndarray]:
+    return read_tiles(tile_files(PARITY_DIR))
+
+
+def _by_size(tiles: list[np.ndarray]) -> list[np.ndarray]:
+    groups: dict[tuple, list[np.ndarray]] = {}
+    for t in tiles:
+        groups.setdefault(t.shape, []).append(t)
+    return [np.stack(g) for _, g in sorted(groups.items())]
+
+
+def codex_parity_grids(seed: int = 0) -> list[np.ndarray]:
+    """Sparse grids like a virtual CODEX image (values of HEX predictions, ~30% empty cells): upscaled
+    (30x30, 57x41) and downscaled (300x260) by the resize to 224."""
+    rng = np.random.default_rng(seed)
+    grids = []
+    for gh, gw in ((30, 30), (57, 41), (300, 260)):
+        g = rng.gamma(2.0, 0.03, (40, gh, gw)).astype(np.float32)
+        g[:, rng.random((gh, gw)) < 0.3] = 0.0
+        grids.append(g)
+    return grids
+
+
+def mica_parity_bags(path_dim: int, codex_dim: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((n, path_dim)).astype(np.float32), rng.standard_normal((40, codex_dim)).astype(np.float32))
+            for n in (1, 37, 1000)]
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _signature(path: Path) -> tuple[dict, dict]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            out[v.name] = {"dtype": DTYPES.get(t.elem_type, str(t.elem_type)),
+                           "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+        return out
+
+    return describe(proto.graph.input), describe(proto.graph.output)
+
+
+def _check(name: str, precision: str, figures: dict[str, float]) -> None:
+    bad = {k: v for k, v in figures.items() if not (v <= TOLERANCE[precision])}
+    if bad:
+        shown = ", ".join(f"{k} {v:.2e}" for k, v in bad.items())
+        raise ExportError(f"{name} ({precision}): ONNX Runtime differs from torch beyond "
+                          f"{TOLERANCE[precision]:g} (max|Δ|/max|ref|: {shown}); not writing the bundle")
+
+
+def _rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {k: float(f"{v:.3g}") for k, v in figures.items()}
+
+
+def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], None], graph: nn.Module,
+                  outputs: tuple[str, ...], cases: list[dict[str, np.ndarray]], log: Callable[[str], None]) -> dict:
+    """Export one model (fp32, fp16), then run every parity case through torch once and through each file."""
+    files = {"fp32": f"{name}.onnx"}
+    export(work / files["fp32"])
+    if fp16:
+        files["fp16"] = f"{name}.fp16.onnx"
+        convert_fp16(work / files["fp32"], work / files["fp16"])
+    entry: dict = {"files": files}
+    entry["inputs"], entry["outputs"] = _signature(work / files["fp32"])
+    graph = graph.eval()
+    with torch.no_grad():
+        refs = [[r.numpy() for r in _as_tuple(graph(*(torch.from_numpy(v) for v in case.values())))]
+                for case in cases]
+    entry["parity"] = {}
+    for precision, file in files.items():
+        session = onnx_session(work / file)
+        figures = worst(*(compare(outputs, ref, session.run(list(outputs), case)) for ref, case in zip(refs, cases)))
+        del session
+        log(f"{name} {precision}: ONNX Runtime vs torch fp32, max|Δ|/max|ref| "
+            + ", ".join(f"{k} {v:.2e}" for k, v in figures.items()))
+        _check(name, precision, figures)
+        entry["parity"][precision] = _rounded(figures)
+    return entry
+
+
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: nn.Module | None = None,
+                 mica: Mica | None = None, sources: dict[str, str | os.PathLike] | None = None, demo: bool = False,
+                 fp16: bool = True, parity_tiles: list[np.ndarray] | None = None, codex_quantisation: str = "scale",
+                 extra: dict | None = None, created: str | None = None,
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    """Export the models to ONNX (fp32, and fp16 when `fp16`), check parity, write the bundle to `out`
+    atomically (built in a temporary directory beside it, then renamed). Returns the manifest."""
+    out = Path(out)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    try:
+        tiles = default_parity_tiles() + list(parity_tiles or [])
+        batches = _by_size(tiles)
+        models: dict[str, dict] = {}
+        models["hex"] = _export_model(
+            "hex", work, fp16, lambda p: export_hex_onnx(hex_model, p), HexGraph(hex_model), OUTPUT_NAMES,
+            [{"tiles": b} for b in batches], log)
+        models["hex"]["parity_data"] = (f"{len(tiles)} real H&E tiles ({', '.join(sorted({f'{t.shape[0]} px' for t in tiles}))})")
+        if codex_encoder is not None:
+            grids = codex_parity_grids()
+            models["codex_encoder"] = _export_model(
+                "codex_encoder", work, fp16,
+                lambda p: export_codex_onnx(codex_encoder, p, quantisation=codex_quantisation),
+                CodexGraph(codex_encoder, codex_quantisation), CODEX_OUTPUT_NAMES, [{"codex": g} for g in grids], log)
+            models["codex_encoder"]["parity_data"] = "seeded synthetic sparse grids 30x30, 57x41, 300x260"
+            models["codex_encoder"]["input_normalisation"] = (
+                CODEX_NORMALISATION if codex_quantisation == "scale" else CODEX_TRUNCATE_NORMALISATION)
+            models["codex_encoder"]["quantisation"] = codex_quantisation
+            models["codex_encoder"]["max_grid_side"] = 4095
+        if mica is not None:
+            bags = mica_parity_bags(mica.cfg.path_dim, mica.cfg.codex_dim)
+            models["mica"] = _export_model(
+                "mica", work, fp16, lambda p: export_mica_onnx(mica, p), MicaGraph(mica), MICA_OUTPUT_NAMES,
+                [{"h_path": hp, "h_codex": hc} for hp, hc in bags], log)
+            models["mica"]["parity_data"] = "seeded Gaussian bags of 1, 37 and 1000 tiles"
+            models["mica"]["config"] = {"fusion": mica.cfg.fusion, "pooling": mica.cfg.pooling,
+                                        "transformer_mode": mica.cfg.transformer_mode}
+        manifest = {
+            "schema": SCHEMA,
+            "demo": bool(demo),
+            "exporter": f"hexfast_export {__version__}",
+            "created": created or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace(
+                "+00:00", "Z"),
+            "markers": list(MARKERS),
+            "tile": dict(TILE),
+            "input_normalisation": INPUT_NORMALISATION,
+            "models": models,
+        }
+        if mica is not None:
+            manifest["mica_features"] = MICA_FEATURES
+        manifest["sources"] = {role: {"path": os.fspath(Path(p).resolve()), "sha256": sha256_file(p)}
+                               for role, p in (sources or {}).items()}
+        manifest["environment"] = _environment()
+        if extra:
+            manifest.update(extra)
+        manifest["files"] = {p.relative_to(work).as_posix(): sha256_file(p)
+                             for p in sorted(work.rglob("*")) if p.is_file()}
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _environment() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "opset": OPSET}
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ExportError(f"{out}: exists, is not empty and is not a model bundle; refusing to overwrite it")
+
+
+def _replace(work: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing bundle (or empty directory) there is replaced."""
+    _check_target(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,217 @@
+"""Model bundles: a directory with `manifest.json` and the ONNX files it lists (numpy/json only, no torch).
+
+    bundle = load_bundle()                      # the untrained demo model shipped with hexfast
+    bundle = load_bundle("models/hex-lung")     # one written by `hexfast export`
+    bundle.model_path("hex", "fp16")            # Path to hex.fp16.onnx
+    bundle.engine_cache_dir(key)                # BUNDLE/engines/<key>/ for TensorRT plans
+
+`load_bundle` checks the schema, the manifest's required keys and the sha256
+of every file the manifest lists; every problem is a one-line `BundleError`
+(a `HexfastError`) naming the file. Files the manifest does not list are
+ignored, as is `engines/` (plans are built later, on the target GPU).
+
+Manifest (schema 1):
+
+    schema: 1, demo: bool, exporter: "hexfast_export <version>", created: ISO UTC,
+    markers: [40 names], tile: {"um": 56.0, "px_at_40x": 224},
+    input_normalisation: text,
+    models: {name: {files: {precision: file}, inputs: {tensor: {dtype, shape}},
+                    outputs: {...}, parity: {precision: {output: max|Δ|/max|ref|}}, ...}},
+        names: "hex" (required), "codex_encoder", "mica" (optional)
+    mica_features: "hex-embedding"   (present when "mica" is)
+    sources: {role: {path, sha256}}, files: {relative path: sha256}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import HexfastError
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+MODEL_NAMES = ("hex", "codex_encoder", "mica")
+PRECISIONS = ("fp32", "fp16")
+MICA_FEATURES = ("hex-embedding",)  # tile features hexfast can give MICA (the HEX backbone's CLS embedding)
+REQUIRED_KEYS = ("schema", "demo", "exporter", "markers", "tile", "input_normalisation", "models", "files")
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "demo"
+ENGINE_CACHE_ENV = "HEXFAST_ENGINE_CACHE"
+
+
+class BundleError(HexfastError):
+    """A model bundle that cannot be used: one line naming the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ManifestMissingError(BundleError):
+    """No manifest.json (not a bundle, or an incomplete copy)."""
+
+
+class ManifestInvalidError(BundleError):
+    """manifest.json is not JSON, has an unsupported schema, or lacks required keys."""
+
+
+class BundleFileMissingError(BundleError):
+    """A file the manifest lists is absent."""
+
+
+class ChecksumError(BundleError):
+    """A file's sha256 differs from the manifest's (corrupted or edited)."""
+
+
+class MissingModelError(BundleError):
+    """The bundle has no such model (or not at that precision)."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Bundle:
+    """A verified model bundle. Attributes: path, manifest (dict), demo, markers, hash (sha256 of
+    manifest.json), tile_um."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], manifest_hash: str):
+        self.path = path
+        self.manifest = manifest
+        self.hash = manifest_hash
+        self.demo = bool(manifest["demo"])
+        self.markers: list[str] = list(manifest["markers"])
+        self.tile_um = float(manifest["tile"]["um"])
+
+    def __repr__(self) -> str:
+        models = ", ".join(self.models)
+        return f"Bundle({str(self.path)!r}, models=[{models}], demo={self.demo})"
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.manifest["models"])
+
+    def has(self, name: str, precision: str | None = None) -> bool:
+        entry = self.manifest["models"].get(name)
+        if entry is None:
+            return False
+        return precision is None or precision in entry["files"]
+
+    def model(self, name: str) -> dict[str, Any]:
+        """The manifest entry of a model (files, inputs, outputs, parity, ...)."""
+        entry = self.manifest["models"].get(name)
+        if entry is None:
+            raise MissingModelError(self.path / MANIFEST, f"the bundle has no '{name}' model "
+                                                          f"(it has {', '.join(self.models)})")
+        return entry
+
+    def model_path(self, name: str, precision: str = "fp32") -> Path:
+        files = self.model(name)["files"]
+        if precision not in files:
+            raise MissingModelError(self.path / MANIFEST, f"the '{name}' model has no {precision} file "
+                                                          f"(it has {', '.join(files)}); re-export with --fp16"
+                                    if precision == "fp16" else f"the '{name}' model has no {precision} file")
+        return self.path / files[precision]
+
+    def engine_cache_dir(self, key: str) -> Path:
+        """Where TensorRT plans for `key` (GPU + TensorRT version) live: BUNDLE/engines/<key>/.
+
+        Not created here. With HEXFAST_ENGINE_CACHE set (e.g. for a read-only bundle such as the
+        demo model inside site-packages) it is $HEXFAST_ENGINE_CACHE/<bundle hash[:16]>/<key>/."""
+        if not key or not re.fullmatch(r"[A-Za-z0-9._+-]+", key) or key in (".", ".."):
+            raise ValueError(f"engine cache key {key!r} must be a plain name (letters, digits, . _ + -)")
+        root = os.environ.get(ENGINE_CACHE_ENV)
+        if root:
+            return Path(root) / self.hash[:16] / key
+        return self.path / "engines" / key
+
+
+def _fail_manifest(path: Path, problem: str):
+    raise ManifestInvalidError(path, problem)
+
+
+def _validate(manifest: Any, where: Path) -> None:
+    if not isinstance(manifest, Mapping):
+        _fail_manifest(where, "is not a JSON object")
+    schema = manifest.get("schema")
+    if schema != SCHEMA:
+        if isinstance(schema, int) and schema > SCHEMA:
+            _fail_manifest(where, f"schema {schema} is newer than this hexfast reads ({SCHEMA}); upgrade hexfast")
+        _fail_manifest(where, f"unsupported schema {schema!r} (expected {SCHEMA})")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        _fail_manifest(where, f"lacks required key(s) {', '.join(missing)}")
+    markers = manifest["markers"]
+    if not (isinstance(markers, list) and markers and all(isinstance(m, str) for m in markers)):
+        _fail_manifest(where, "'markers' must be a list of marker names")
+    tile = manifest["tile"]
+    if not (isinstance(tile, Mapping) and isinstance(tile.get("um"), (int, float)) and tile["um"] > 0):
+        _fail_manifest(where, "'tile' must hold a positive 'um'")
+    models = manifest["models"]
+    if not isinstance(models, Mapping):
+        _fail_manifest(where, "'models' must be an object")
+    if "hex" not in models:
+        raise MissingModelError(where, "the bundle has no 'hex' model (required)")
+    files = manifest["files"]
+    if not isinstance(files, Mapping):
+        _fail_manifest(where, "'files' must be an object of path: sha256")
+    for name, entry in models.items():
+        if not (isinstance(entry, Mapping) and isinstance(entry.get("files"), Mapping) and "fp32" in entry["files"]):
+            _fail_manifest(where, f"model '{name}' must list its files, with an fp32 one")
+        for precision, file in entry["files"].items():
+            if file not in files:
+                _fail_manifest(where, f"model '{name}' {precision} file {file} is not among the listed files")
+    width = models["hex"].get("outputs", {}).get("markers", {}).get("shape", [None, len(markers)])[-1]
+    if width != len(markers):
+        _fail_manifest(where, f"the hex model gives {width} markers but the manifest names {len(markers)}")
+    if "mica" in models:
+        features = manifest.get("mica_features")
+        if features not in MICA_FEATURES:
+            _fail_manifest(where, f"the MICA model expects tile features {features!r}; hexfast gives "
+                                  f"{', '.join(MICA_FEATURES)} and will not pair MICA with other features")
+
+
+def load_bundle(path: str | os.PathLike | None = None, *, verify: bool = True) -> Bundle:
+    """Open and check a model bundle (None: the demo bundle shipped with hexfast).
+
+    `verify` checks every listed file's sha256 (≈1 s per GB); it is on by default."""
+    root = DEFAULT_BUNDLE if path is None else Path(path)
+    if root.is_file() and root.name == MANIFEST:
+        root = root.parent
+    manifest_path = root / MANIFEST
+    if not root.exists():
+        raise ManifestMissingError(root, "no such model bundle")
+    if not root.is_dir():
+        raise ManifestMissingError(root, "is not a model bundle directory")
+    if not manifest_path.is_file():
+        raise ManifestMissingError(manifest_path, "missing: not a model bundle (expected manifest.json "
+                                                  "as written by hexfast export)")
+    raw = manifest_path.read_bytes()
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestInvalidError(manifest_path, f"is not valid JSON ({exc})") from None
+    _validate(manifest, manifest_path)
+    root = root.resolve()
+    for rel, expected in manifest["files"].items():
+        file = (root / rel).resolve()
+        if root not in file.parents:
+            raise ManifestInvalidError(manifest_path, f"lists {rel}, which lies outside the bundle")
+        if not file.is_file():
+            raise BundleFileMissingError(root / rel, "missing from the bundle (listed in manifest.json)")
+        if verify:
+            actual = sha256_file(file)
+            if actual != expected:
+                raise ChecksumError(root / rel, f"sha256 {actual[:12]}… does not match the manifest's "
+                                                f"{str(expected)[:12]}… (corrupted or modified file)")
+    return Bundle(root, manifest, hashlib.sha256(raw).hexdigest())
