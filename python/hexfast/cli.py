@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .bench import CASES
 from .cli_models import add_model_commands
+from .cli_score import add_score_commands
 from .errors import HexfastError
 from .outputs import prepare_output_dir, write_tiles_h5, write_tissue_png
 from .slide import Slide, open_slide
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "otsu is plain Otsu, N a fixed value (CLAM uses 8)",
     )
     tiles.set_defaults(run=cmd_tiles)
+
+    add_score_commands(sub, common, mpp)
 
     bench = sub.add_parser("bench", parents=[common], help="measure throughput against the reference path")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)

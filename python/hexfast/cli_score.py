@@ -89,8 +89,13 @@ def cmd_score(args) -> int:
         print(f"hexfast: error: {arg}: {problem}", file=sys.stderr)
         rows.append((arg, "FAILED", "-", "-", "-", problem))
     todo = []
+    bundle_hash = None
+    if args.resume:  # a slide scored with other weights is not "done"
+        from .bundle import load_bundle
+
+        bundle_hash = load_bundle(args.model).hash
     for path in slides:
-        if args.resume and outputs_complete(out, path.stem):
+        if args.resume and outputs_complete(out, path.stem, bundle_hash=bundle_hash):
             rows.append((path.name, "done before", "-", "-", "-", str(out / path.stem)))
         else:
             todo.append(path)
@@ -142,10 +147,11 @@ def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
                 rows.append((path.name, "FAILED", "-", "-", "-", str(result).removeprefix(f"{path}: ")))
                 continue
             total = sum(result.seconds.values())
+            where = result.outputs["report"].parent if "report" in result.outputs else out / path.stem
             rows.append((path.name, "ok", str(len(result.coords)), f"{result.tiles_per_s:.0f}", f"{total:.1f}",
-                         str(result.outputs.get("dir", out / path.stem))))
+                         str(where)))
             tqdm.write(f"{path.name}: {len(result.coords)} tiles, {result.tiles_per_s:.0f} tiles/s, "
-                       f"{total:.1f} s -> {result.outputs.get('dir', out)}", file=sys.stderr)
+                       f"{total:.1f} s -> {where}", file=sys.stderr)
     finally:
         for bar in bars.values():
             bar.close()

@@ -195,7 +195,7 @@ class Scorer:
             result.coords = markers[0]
             result.markers = markers[1]
             result.features = features
-            self._run_slide_models(result, writer)
+            self._run_slide_models(result, slide.dimensions, writer)
             if writer is not None:
                 start = time.perf_counter()
                 result.outputs = writer.finish(result)
@@ -248,17 +248,19 @@ class Scorer:
             features = np.concatenate(feature_parts) if feature_parts else np.zeros((0, 1024), np.float32)
         return (coords, markers), features
 
-    def _run_slide_models(self, result: SlideResult, writer) -> None:
-        from .codex_grid import virtual_codex
+    def _run_slide_models(self, result: SlideResult, level0_size: tuple[int, int], writer) -> None:
+        from .codex_grid import codex_encoder_input, virtual_codex
 
         start = time.perf_counter()
-        result.codex_grid = virtual_codex(result.coords, result.markers, result.stride)[0]
+        # One cell per stride (finer with overlapping tiles), as the OME-TIFF shows it.
+        result.codex_grid = virtual_codex(result.coords, result.markers, result.stride, level0_size)[0]
         result.seconds["virtual codex"] = time.perf_counter() - start
         if self.mica is None or len(result.coords) == 0:
             return
         start = time.perf_counter()
-        codex = np.ascontiguousarray(np.transpose(result.codex_grid, (2, 0, 1)), np.float32)
-        codex_features = self.codex_encoder.run({"codex": codex})["features"]
+        # The encoder sees the reference's grid: whole slide from (0, 0), one cell per tile size.
+        codex = codex_encoder_input(result.coords, result.markers, result.tile_size, level0_size)
+        codex_features = self.codex_encoder.run({"codex": np.ascontiguousarray(codex, np.float32)})["features"]
         features = result.features if writer is None else writer.features()
         out = self.mica.run({"h_path": np.asarray(features, np.float32), "h_codex": codex_features})
         result.mica = {name: np.asarray(value) for name, value in out.items()}
