@@ -146,7 +146,7 @@ def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
                 _error(result)
                 rows.append((path.name, "FAILED", "-", "-", "-", str(result).removeprefix(f"{path}: ")))
                 continue
-            total = sum(result.seconds.values())
+            total = result.wall_seconds
             where = result.outputs["report"].parent if "report" in result.outputs else out / path.stem
             rows.append((path.name, "ok", str(len(result.coords)), f"{result.tiles_per_s:.0f}", f"{total:.1f}",
                          str(where)))
