@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # batch schedulers stop jobs with SIGTERM: clean up as for Ctrl-C
     try:
         return args.run(args)
+    except Terminated:
+        print("hexfast: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("hexfast: interrupted", file=sys.stderr)
         return 130
@@ -146,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(e)
         return EXIT_ERROR
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every `finally` runs (temp files go, threads stop)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def _error(e: BaseException) -> None:

@@ -93,6 +93,8 @@ class SlideWriter:
         self.started_at = dt.datetime.now(dt.timezone.utc)
         self.paths = output_paths(out_dir, stem or slide.path.stem)
         prepare_output_dir(self.paths.dir)
+        for stale in self.paths.dir.glob(".*.tmp"):  # left by a run that was killed outright (SIGKILL, power)
+            stale.unlink(missing_ok=True)
         try:
             self.paths.report.unlink(missing_ok=True)  # incomplete until the new one is written
         except OSError as e:
