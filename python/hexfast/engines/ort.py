@@ -102,6 +102,11 @@ class OrtEngine(Engine):
         options.log_severity_level = 3  # errors only; a provider fallback is detected and reported below
         if threads:
             options.intra_op_num_threads = int(threads)
+        if backend == "ort-cpu":
+            # The arena keeps the high-water mark of every batch's activations
+            # (measured: 1.5 GB vs 0.84 GB peak RSS for the demo model at batch
+            # 64, same speed); large buffers come straight from malloc instead.
+            options.enable_cpu_mem_arena = False
         providers = self._providers(plan_dir)
         try:
             self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
