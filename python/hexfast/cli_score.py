@@ -116,7 +116,7 @@ def cmd_score(args) -> int:
 def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
     from tqdm import tqdm
 
-    from .cli import _error
+    from .cli import _error, _warn
 
     failed = 0
     overall = tqdm(total=len(slides), desc="slides", unit="slide", position=0, file=sys.stderr,
@@ -148,7 +148,13 @@ def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
                 continue
             total = result.wall_seconds
             where = result.outputs["report"].parent if "report" in result.outputs else out / path.stem
-            rows.append((path.name, "ok", str(len(result.coords)), f"{result.tiles_per_s:.0f}", f"{total:.1f}",
+            status = "ok"
+            if len(result.coords) == 0:  # not an error: complete, empty outputs, and a warning nobody misses
+                status = "NO TISSUE"
+                overall.clear()
+                _warn(f"{path}: NO TISSUE FOUND: no tiles were scored; wrote empty outputs (empty h5, blank "
+                      f"virtual CODEX, no MICA risk) to {where}; check overview.png")
+            rows.append((path.name, status, str(len(result.coords)), f"{result.tiles_per_s:.0f}", f"{total:.1f}",
                          str(where)))
             tqdm.write(f"{path.name}: {len(result.coords)} tiles, {result.tiles_per_s:.0f} tiles/s, "
                        f"{total:.1f} s -> {where}", file=sys.stderr)
