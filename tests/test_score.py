@@ -368,6 +368,22 @@ def test_bad_slides_do_not_stop_the_good_ones(tmp_path, capsys, fixture_slide):
         np.testing.assert_array_equal(f1["codex_prediction"][:], f2["codex_prediction"][:])
 
 
+def test_two_slides_with_one_name_are_not_merged(tmp_path, capsys):
+    """a/x.tiff and b/x.tiff would both write OUT/x/: the second is refused, not silently
+    written over the first's outputs."""
+    first, second = tmp_path / "a" / "x.tiff", tmp_path / "b" / "x.tiff"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    small_slide(first, seed=1), small_slide(second, seed=2)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "score", first, second, "-o", out)
+    assert code == 2
+    errors = error_lines(err)
+    assert len(errors) == 1 and errors[0].startswith(f"hexfast: error: {second}: ") and str(first) in errors[0]
+    assert "1 of 2 slides ok, 1 FAILED" in stdout
+    assert json.loads((out / "x" / "report.json").read_text())["slide"]["path"] == str(first.resolve())
+
+
 @pytest.fixture
 def bad_inputs(tmp_path, fixture_slide):
     notes = tmp_path / "notes.txt"

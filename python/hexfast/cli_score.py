@@ -44,7 +44,8 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
 
 def expand_slides(args: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Slides named by paths, directories (their slide files) and glob patterns;
-    plus (argument, problem) for arguments that name nothing."""
+    plus (argument, problem) for arguments that name nothing, and for slides whose
+    name (stem) an earlier slide has: both would write OUT/<stem>/."""
     found: list[Path] = []
     problems: list[tuple[str, str]] = []
     for arg in args:
@@ -61,8 +62,14 @@ def expand_slides(args: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
             found.extend(matches)
         else:
             found.append(path)  # missing files fail per slide, with the usual message
-    unique = list(dict.fromkeys(found))
-    return unique, problems
+    by_stem: dict[str, Path] = {}
+    for path in dict.fromkeys(found):
+        if path.stem in by_stem:
+            problems.append((str(path), f"has the same name as {by_stem[path.stem]}, whose outputs go to "
+                                        f"OUT/{path.stem}/ too; score it with another -o"))
+        else:
+            by_stem[path.stem] = path
+    return list(by_stem.values()), problems
 
 
 def _scorer(args):
