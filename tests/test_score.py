@@ -394,8 +394,7 @@ def bad_inputs(tmp_path, fixture_slide):
     blocker = tmp_path / "blocker"
     blocker.write_text("")
     return {"notes": notes, "garbage": garbage, "empty": tmp_path / "empty", "blocker": blocker,
-            "unopenable": fixture_slide("unopenable.tiff"), "missing": tmp_path / "nope.svs",
-            "glob": tmp_path / "nomatch-*.svs"}
+            "missing": tmp_path / "nope.svs", "glob": tmp_path / "nomatch-*.svs"}
 
 
 @pytest.mark.parametrize("case, argv, fragments", [
@@ -411,8 +410,12 @@ def bad_inputs(tmp_path, fixture_slide):
     ("output below a file", ["{cmu}", "-o", "{blocker}/out"], ["{blocker}/out: cannot create output directory"]),
     ("output is a file", ["{cmu}", "-o", "{blocker}"], ["{blocker}: output path exists and is not a directory"]),
 ])
-def test_bad_input_is_one_line_naming_it(case, argv, fragments, bad_inputs, cmu, tmp_path, capsys):
-    names = dict(bad_inputs, cmu=cmu)
+def test_bad_input_is_one_line_naming_it(case, argv, fragments, bad_inputs, fixture_slide, tmp_path, capsys):
+    names = dict(bad_inputs)
+    if "{unopenable}" in argv:  # shared test data only where the case needs it
+        names["unopenable"] = fixture_slide("unopenable.tiff")
+    if "{cmu}" in argv:
+        names["cmu"] = shared_file(CMU)
     argv = [a.format(**names) for a in argv]
     if "-o" not in argv:
         argv += ["-o", str(tmp_path / "out")]
