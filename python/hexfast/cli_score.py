@@ -44,7 +44,8 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
 
 def expand_slides(args: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Slides named by paths, directories (their slide files) and glob patterns;
-    plus (argument, problem) for arguments that name nothing."""
+    plus (argument, problem) for arguments that name nothing, and for slides whose
+    name (stem) an earlier slide has: both would write OUT/<stem>/."""
     found: list[Path] = []
     problems: list[tuple[str, str]] = []
     for arg in args:
@@ -61,8 +62,14 @@ def expand_slides(args: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
             found.extend(matches)
         else:
             found.append(path)  # missing files fail per slide, with the usual message
-    unique = list(dict.fromkeys(found))
-    return unique, problems
+    by_stem: dict[str, Path] = {}
+    for path in dict.fromkeys(found):
+        if path.stem in by_stem:
+            problems.append((str(path), f"has the same name as {by_stem[path.stem]}, whose outputs go to "
+                                        f"OUT/{path.stem}/ too; score it with another -o"))
+        else:
+            by_stem[path.stem] = path
+    return list(by_stem.values()), problems
 
 
 def _scorer(args):
@@ -116,7 +123,7 @@ def cmd_score(args) -> int:
 def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
     from tqdm import tqdm
 
-    from .cli import _error
+    from .cli import _error, _warn
 
     failed = 0
     overall = tqdm(total=len(slides), desc="slides", unit="slide", position=0, file=sys.stderr,
@@ -148,7 +155,13 @@ def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
                 continue
             total = result.wall_seconds
             where = result.outputs["report"].parent if "report" in result.outputs else out / path.stem
-            rows.append((path.name, "ok", str(len(result.coords)), f"{result.tiles_per_s:.0f}", f"{total:.1f}",
+            status = "ok"
+            if len(result.coords) == 0:  # not an error: complete, empty outputs, and a warning nobody misses
+                status = "NO TISSUE"
+                overall.clear()
+                _warn(f"{path}: NO TISSUE FOUND: no tiles were scored; wrote empty outputs (empty h5, blank "
+                      f"virtual CODEX, no MICA risk) to {where}; check overview.png")
+            rows.append((path.name, status, str(len(result.coords)), f"{result.tiles_per_s:.0f}", f"{total:.1f}",
                          str(where)))
             tqdm.write(f"{path.name}: {len(result.coords)} tiles, {result.tiles_per_s:.0f} tiles/s, "
                        f"{total:.1f} s -> {where}", file=sys.stderr)

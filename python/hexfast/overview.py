@@ -104,12 +104,16 @@ def render_overview(
     step = grid.stride
     codex, _ = virtual_codex(coords, values, step, slide.dimensions)
     occ = occupancy(coords, step, codex.shape[:2]).astype(np.float32)
-    # One empty cell all round, so resampling near the slide's edge never reads past the grid.
-    codex = np.pad(codex, ((1, 1), (1, 1), (0, 0)))
-    occ = np.pad(occ, 1)
     # Each tile's value is shown over the tile's central stride x stride square
-    # (the whole tile when tiles do not overlap); -step: the padding cell.
-    offset = (grid.tile_size - grid.stride) / 2 - step
+    # (the whole tile when tiles do not overlap), so the grid is shifted by half
+    # the overlap. Empty cells all round -- one, plus enough to cover that shift
+    # (several cells when tiles overlap by more than two strides) -- so the
+    # resampling box never starts before the grid or reads past it.
+    shift = (grid.tile_size - grid.stride) / 2
+    pad = 1 + max(0, math.ceil(shift / step))
+    codex = np.pad(codex, ((pad, pad), (pad, pad), (0, 0)))
+    occ = np.pad(occ, pad)
+    offset = shift - pad * step
 
     margin, gap = 12, 8
     width = max(cols * cell_w, 2 * cell_w) + 2 * margin

@@ -168,7 +168,8 @@ class Scorer:
         finally:  # cancelled, failed or abandoned: close the slide prepared ahead
             if ahead is not None:
                 ahead.add_done_callback(_discard)
-            pool.shutdown(wait=False)
+            # Wait for the prepare thread (at most one open + tiling) so nothing outlives the call.
+            pool.shutdown(wait=True)
 
     def _prepare(self, path: Path) -> _Prepared:
         """Open, tile and start streaming (the workers begin filling the ring)."""

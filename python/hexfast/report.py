@@ -135,6 +135,14 @@ def mica_from_outputs(
     return mica_summary(outputs["hazards"], outputs["survival"], outputs["risk"], att, coords, marker_names, top_k)
 
 
+def no_tissue_warning(grid: TileGrid) -> str:
+    return (
+        f"NO TISSUE FOUND: no tile is at least {grid.min_tissue:g} tissue (tissue area "
+        f"{grid.tissue.area_mm2:.3f} mm\u00b2, saturation threshold {grid.tissue.threshold}); the h5 is empty, "
+        "the virtual CODEX is blank and MICA did not run"
+    )
+
+
 def build_report(
     slide: Slide,
     grid: TileGrid,
@@ -169,6 +177,8 @@ def build_report(
     report: dict = {}
     if demo:
         report["warning"] = DEMO_DETAIL  # first, where nobody can miss it
+    if len(grid) == 0:
+        report["warnings"] = [no_tissue_warning(grid)]
     report |= {
         "schema": REPORT_SCHEMA,
         "hexfast_version": __version__,

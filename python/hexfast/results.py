@@ -21,6 +21,7 @@ The pipeline streams into a SlideWriter:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import time
@@ -165,6 +166,8 @@ class SlideWriter:
         report.json the slide is not complete, so --resume redoes it."""
         if not self._done:
             self._h5.abort()
+            with contextlib.suppress(OSError):  # a first run that failed leaves no empty OUT/<stem>/
+                self.paths.dir.rmdir()
 
     def __enter__(self) -> SlideWriter:
         return self
