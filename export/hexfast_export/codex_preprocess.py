@@ -10,6 +10,12 @@ antialiased), done as a horizontal then a vertical pass over uint8 with
 22-bit fixed-point coefficients, each pass rounding and clipping to uint8.
 Then ToTensor (/255) and ImageNet Normalize, and DINOv2 ViT-S/14-reg4.
 
+Pass order: every Pillow up to 12 (what the reference ran) does the
+horizontal pass first; Pillow 13 (python-pillow/Pillow#9549) does the
+vertical pass first when the height shrinks much more than the width (for a
+224x224 target: gh > 224 and gh + 224 > 2 gw), which moves some pixels of
+such tall grids by a level or so. hexfast keeps the reference's order.
+
 `PilBicubicResize` reproduces Pillow bit for bit, like the bilinear resize
 of the HEX graph (preprocess.py): the tap matrix is built in-graph from the
 grid size with exact integer arithmetic and each pass is a float32 matmul
@@ -97,8 +103,8 @@ def quantise(codex: torch.Tensor, mode: str = "scale") -> torch.Tensor:
     x = codex.to(torch.float16).to(torch.float32)  # the reference stores the grid as float16
     if mode == "scale":
         return torch.round(torch.clamp(x, 0.0, 1.0) * 255.0)  # round half to even, as np.rint
-    if mode == "truncate":
-        return torch.clamp(torch.trunc(x), 0.0, 255.0)
+    if mode == "truncate":  # clip(trunc(x)) == clip(floor(x)) on [0, 255]; ONNX has Floor, not Trunc
+        return torch.clamp(torch.floor(x), 0.0, 255.0)
     raise ValueError(f"quantisation must be one of {', '.join(QUANTISATIONS)}, not {mode!r}")
 
 

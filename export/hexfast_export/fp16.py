@@ -27,6 +27,7 @@ import numpy as np
 FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
 FP16_MAX = 65504.0
 FP16_TINY = 5.96e-08
+CAST_PREFIX = "fp16_boundary/"  # names of the Casts this converter inserts (outside any kept region)
 
 
 def _to_half(array: np.ndarray) -> np.ndarray:
@@ -71,7 +72,7 @@ def convert_fp16_regions(src: str | os.PathLike, dst: str | os.PathLike, *, keep
         key = (name, to)
         if key not in casts:
             out = f"{name}__{'fp16' if to == FLOAT16 else 'fp32'}"
-            new_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"{out}__cast"))
+            new_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"{CAST_PREFIX}{out}"))
             casts[key] = out
         return casts[key]
 
@@ -122,7 +123,7 @@ def convert_fp16_regions(src: str | os.PathLike, dst: str | os.PathLike, *, keep
             for i, name in enumerate(other.input):
                 if name == output.name:
                     other.input[i] = inner
-        new_nodes.append(helper.make_node("Cast", [inner], [output.name], to=FLOAT, name=f"{output.name}__cast_out"))
+        new_nodes.append(helper.make_node("Cast", [inner], [output.name], to=FLOAT, name=f"{CAST_PREFIX}{output.name}"))
 
     # Unused float32 initializers (all readers moved to the float16 copy) are dropped.
     used = {name for n in new_nodes for name in n.input}

@@ -124,6 +124,14 @@ def _file(path: Path | None) -> Path | None:
     return path
 
 
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, a target that is a file or a non-empty directory that is not a bundle."""
+    if out.exists() and not out.is_dir():
+        raise HexfastError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise HexfastError(f"{out}: exists, is not empty and is not a model bundle; refusing to overwrite it")
+
+
 def cmd_export(args) -> int:
     given = {k: getattr(args, k) for k in ("musk", "hex_heads", "hex", "dinov2", "mica")}
     if args.demo:
@@ -141,6 +149,7 @@ def cmd_export(args) -> int:
             _file(path)
     if args.parity_tiles is not None and not args.parity_tiles.is_dir():
         raise HexfastError(f"{args.parity_tiles}: not a directory of tile images")
+    _check_out(args.out)
     _need_torch()
 
     from hexfast_export.bundle_writer import read_tiles, tile_files, write_bundle

@@ -1,0 +1,217 @@
+"""`hexfast export`: demo bundles (tiny, and the full-size architectures under CI), the real-weights path with
+the official heads checkpoint, determinism of the shipped demo bundle, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="hexfast export needs torch (pip install '.[export]')")
+ort = pytest.importorskip("onnxruntime", reason="hexfast export needs onnxruntime")
+pytest.importorskip("onnx", reason="hexfast export needs onnx")
+
+from conftest import shared_file  # noqa: E402
+from export_helpers import musk_file_state, save  # noqa: E402
+from hexfast.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
+from hexfast_export import MuskConfig  # noqa: E402
+
+SHALLOW = MuskConfig(depth=2, dim=1024, heads=16, ffn_dim=512)  # full 384 input, dim 1024 for the official heads
+SHALLOW_FLAG = "depth=2,ffn_dim=512"
+VOLATILE = ("created", "files", "environment")  # differ between runs / machines by nature
+
+
+def hexfast(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hexfast", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def one_line_error(result, *fragments) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def stable(manifest: dict) -> dict:
+    """Manifest content that must not change when the same export is run again (parity figures depend on the
+    CPU's kernels, so they are compared separately)."""
+    out = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    out["models"] = {name: {k: v for k, v in entry.items() if k != "parity"} for name, entry in manifest["models"].items()}
+    return out
+
+
+def run_all(bundle):
+    rng = np.random.default_rng(0)
+    hex_s = ort.InferenceSession(str(bundle.model_path("hex")), providers=["CPUExecutionProvider"])
+    markers, embedding = hex_s.run(None, {"tiles": rng.integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)})
+    assert markers.shape == (2, 40) and embedding.shape == (2, 1024)
+    if bundle.has("codex_encoder"):
+        codex_s = ort.InferenceSession(str(bundle.model_path("codex_encoder")), providers=["CPUExecutionProvider"])
+        (features,) = codex_s.run(None, {"codex": rng.random((40, 20, 31), dtype=np.float32) * 0.1})
+        assert features.shape == (40, 384)
+    if bundle.has("mica"):
+        mica_s = ort.InferenceSession(str(bundle.model_path("mica")), providers=["CPUExecutionProvider"])
+        outs = mica_s.run(None, {"h_path": embedding, "h_codex": features})
+        assert [o.shape for o in outs] == [(1, 4), (1, 4), (1,), (40, 2)]
+
+
+def test_demo_tiny_round_trip(tmp_path):
+    out = tmp_path / "demo"
+    r = hexfast("export", "--demo", "--size", "tiny", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "hex fp32: ONNX Runtime vs torch fp32" in r.stdout and "DEMO" in r.stdout
+    b = load_bundle(out)
+    assert b.demo and b.models == ["hex", "codex_encoder", "mica"]
+    assert not b.has("hex", "fp16") and b.manifest["sources"] == {}
+    assert b.manifest["demo_models"]["size"] == "tiny"
+    run_all(b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary directory left behind
+
+
+def test_shipped_demo_bundle_regenerates_identically(tmp_path):
+    """The committed python/hexfast/models/demo is `hexfast export --demo --size tiny --fp16`: regenerating it
+    gives the same manifest (apart from the creation time and environment) and, with the torch/onnx versions
+    that wrote it, byte-identical ONNX files."""
+    out = tmp_path / "demo"
+    r = hexfast("export", "--demo", "--size", "tiny", "--fp16", "-o", out)
+    assert r.returncode == 0, r.stderr
+    shipped = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
+    fresh = json.loads((out / "manifest.json").read_text())
+    assert stable(fresh) == stable(shipped)
+    assert set(fresh["files"]) == set(shipped["files"])
+    for name, entry in fresh["models"].items():
+        for precision, figures in entry["parity"].items():
+            for output, value in figures.items():
+                assert value <= max(10 * shipped["models"][name]["parity"][precision][output], 1e-6), \
+                    (name, precision, output)
+    import onnx
+
+    same_tools = (shipped["environment"]["torch"] == torch.__version__.split("+")[0]
+                  and shipped["environment"]["onnx"] == onnx.__version__)
+    if same_tools:
+        assert fresh["files"] == shipped["files"], "the demo export is not deterministic"
+    else:
+        print(f"demo bundle written with torch {shipped['environment']['torch']} / onnx "
+              f"{shipped['environment']['onnx']}; file hashes not compared")
+
+
+def test_real_path_musk_plus_official_heads(tmp_path):
+    """--musk (random MUSK-layout weights in a safetensors file, 2 layers) + the official heads checkpoint,
+    parity on the built-in CMU tiles plus the hex-official he_patches."""
+    heads = shared_file("hex-official/hex_heads_demo_checkpoint.pth")
+    patches = shared_file("hex-official/he_patches")
+    musk = save(musk_file_state(SHALLOW), tmp_path / "model.safetensors")
+    out = tmp_path / "bundle"
+    r = hexfast("export", "--musk", musk, "--hex-heads", heads, "--musk-config", SHALLOW_FLAG, "--parity-tiles",
+                patches, "--fp16", "-o", out)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    b = load_bundle(out)
+    m = b.manifest
+    assert m["demo"] is False and b.models == ["hex"] and "mica_features" not in m
+    assert set(m["sources"]) == {"musk", "hex_heads"}
+    assert m["sources"]["hex_heads"]["path"] == str(heads.resolve())
+    import hashlib
+
+    assert m["sources"]["hex_heads"]["sha256"] == hashlib.sha256(heads.read_bytes()).hexdigest()
+    assert m["sources"]["musk"]["sha256"] == hashlib.sha256(musk.read_bytes()).hexdigest()
+    parity = m["models"]["hex"]["parity"]
+    assert max(parity["fp32"].values()) <= 1e-4 and max(parity["fp16"].values()) <= 1e-2
+    assert "8 real H&E tiles" in m["models"]["hex"]["parity_data"]
+    assert m["hex_encoder"]["depth"] == 2 and m["hex_encoder"]["embed_dim"] == 1024
+    assert "known-unused ignored" in r.stderr  # the MUSK file's text/B-expert weights, reported
+    run_all(b)
+
+
+def test_mica_and_dinov2_from_files(tmp_path):
+    """--dinov2 and --mica from files laid out like the published checkpoints (random weights)."""
+    from hexfast_export import Dinov2Encoder, Mica, MicaConfig
+    from hexfast_export.hex_model import HexModel
+
+    hex_model = HexModel(SHALLOW)
+    torch.save({"model": hex_model.state_dict()}, tmp_path / "hex.pth")
+    dino = Dinov2Encoder()
+    sd = {k: v for k, v in dino.state_dict().items() if k != "pos_embed"}
+    sd["pos_embed"] = torch.randn(1, 1 + 37 * 37, 384)  # the 518-px table of the hub checkpoint
+    sd["mask_token"] = torch.zeros(1, 384)
+    torch.save(sd, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    torch.save(Mica(MicaConfig(pooling="gap")).state_dict(), tmp_path / "s_0_checkpoint.pt")
+    out = tmp_path / "bundle"
+    r = hexfast("export", "--hex", tmp_path / "hex.pth", "--musk-config", SHALLOW_FLAG, "--dinov2",
+                tmp_path / "dinov2_vits14_reg4_pretrain.pth", "--mica", tmp_path / "s_0_checkpoint.pt",
+                "--mica-pooling", "gap", "-o", out)
+    assert r.returncode == 0, r.stderr
+    b = load_bundle(out)
+    assert b.models == ["hex", "codex_encoder", "mica"] and b.manifest["mica_features"] == "hex-embedding"
+    assert set(b.manifest["sources"]) == {"hex", "dinov2", "mica"}
+    assert b.manifest["models"]["mica"]["config"]["pooling"] == "gap"
+    assert b.manifest["models"]["codex_encoder"]["quantisation"] == "scale"
+    run_all(b)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    heads = shared_file("hex-official/hex_heads_demo_checkpoint.pth")
+    out = tmp_path / "b"
+    one_line_error(hexfast("export", "--musk", tmp_path / "missing.safetensors", "--hex-heads", heads, "-o", out),
+                   "missing.safetensors", "no such file")
+    # a MUSK file with a layer's weights missing: refused, naming the file and the weights
+    sd = musk_file_state(SHALLOW)
+    broken = {k: v for k, v in sd.items() if ".layers.1.ffn." not in k}
+    musk = save(broken, tmp_path / "truncated.safetensors")
+    line = one_line_error(hexfast("export", "--musk", musk, "--hex-heads", heads, "--musk-config", SHALLOW_FLAG,
+                                  "-o", out), "truncated.safetensors", "missing")
+    assert "layers.1.ffn" in line
+    # a MUSK file given for the full-size model (24 layers) is incomplete too
+    one_line_error(hexfast("export", "--musk", musk, "--hex-heads", heads, "-o", out), "truncated.safetensors")
+    one_line_error(hexfast("export", "--hex-heads", heads, "-o", out), "--musk W --hex-heads C, or --hex H")
+    one_line_error(hexfast("export", "--demo", "--musk", musk, "-o", out), "drop --musk")
+    one_line_error(hexfast("export", "--hex", heads, "--mica", heads, "-o", out), "--mica needs --dinov2")
+    one_line_error(hexfast("export", "--demo", "--parity-tiles", tmp_path / "none", "-o", out), "not a directory")
+    (tmp_path / "notabundle").mkdir()
+    (tmp_path / "notabundle" / "keep.txt").write_text("x")
+    one_line_error(hexfast("export", "--demo", "-o", tmp_path / "notabundle"), "not a model bundle", "refusing")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_without_torch_says_so(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('No module named torch (test stand-in)')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake)] + sys.path))
+    one_line_error(hexfast("export", "--demo", "-o", tmp_path / "b", env=env), "needs torch", "hexfast[export]")
+
+
+def test_existing_bundle_is_replaced(tmp_path):
+    out = tmp_path / "demo"
+    assert hexfast("export", "--demo", "-o", out).returncode == 0
+    first = load_bundle(out).manifest["created"]
+    r = hexfast("export", "--demo", "--seed", "1", "-o", out)
+    assert r.returncode == 0, r.stderr
+    b = load_bundle(out)
+    assert b.manifest["demo_models"]["seed"] == 1 and b.manifest["created"] >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true" and os.environ.get("HEXFAST_FULL_REFERENCE") != "1",
+                    reason="full-size export (MUSK large, ~2 min, ~5.5 GB) runs under CI=true or "
+                           "HEXFAST_FULL_REFERENCE=1")
+def test_demo_full_size_export(tmp_path):
+    out = tmp_path / "full"
+    r = hexfast("export", "--demo", "--size", "full", "--fp16", "-o", out, timeout=1800)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    b = load_bundle(out)
+    assert b.demo and b.manifest["hex_encoder"] == {"img_size": 384, "patch_size": 16, "dim": 1024, "depth": 24,
+                                                    "heads": 16, "ffn_dim": 4096, "embed_dim": 1024}
+    for name, entry in b.manifest["models"].items():
+        assert max(entry["parity"]["fp32"].values()) <= 1e-4, (name, entry["parity"])
+        assert max(entry["parity"]["fp16"].values()) <= 1e-2, (name, entry["parity"])
+    assert b.model_path("hex").stat().st_size > 1.1e9  # 303M fp32 weights
+    run_all(b)
