@@ -2,7 +2,7 @@
 today, on the same tiles, in one run. Each case runs in its own process so its
 peak RSS is its own.
 
-    hexfast bench stream SLIDE [--tiles N]
+    hexfast bench stream SLIDE [--tiles N] [--repeat 3]
 
 Cases:
   reference    openslide-python read_region → PIL RGB → resize 384 bilinear → float normalise (one process)
@@ -125,19 +125,31 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bench_stream(path: str, n: int = 6000, cases=CASES, on_row=None) -> list[dict]:
-    """Runs each case in a fresh process (its own peak RSS, no shared caches) and returns the rows."""
-    rows = []
-    for name in cases:
-        out = subprocess.run([sys.executable, "-m", "hexfast.bench", name, path, str(n)], capture_output=True,
-                             text=True)
-        if out.returncode != 0:
-            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-            raise HexfastError(f"{path}: benchmark case {name} failed: {last}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        if on_row:
-            on_row(rows[-1])
-    return rows
+def bench_stream(path: str, n: int = 6000, cases=CASES, on_row=None, repeat: int = 3) -> list[dict]:
+    """Runs each case in a fresh process (its own peak RSS, no shared caches),
+    `repeat` rounds with the cases interleaved so background load hits them
+    alike; returns one row per case with the median rate and CPU time."""
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name in cases:
+            out = subprocess.run([sys.executable, "-m", "hexfast.bench", name, path, str(n)], capture_output=True,
+                                 text=True)
+            if out.returncode != 0:
+                last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                raise HexfastError(f"{path}: benchmark case {name} failed: {last}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if on_row:
+                on_row(runs[name][-1])
+    return [_median_row(rows) for rows in runs.values()]
+
+
+def _median_row(rows: list[dict]) -> dict:
+    row = dict(sorted(rows, key=lambda r: r["tiles_per_s"])[len(rows) // 2])
+    row["tiles_per_s"] = float(np.median([r["tiles_per_s"] for r in rows]))
+    row["cpu_ms_per_tile"] = float(np.median([r["cpu_ms_per_tile"] for r in rows]))
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rows)
+    row["runs"] = len(rows)
+    return row
 
 
 def format_table(rows: list[dict]) -> str:

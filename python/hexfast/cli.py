@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stream.add_argument("slide", type=Path, metavar="SLIDE")
     stream.add_argument("--tiles", type=_positive_int, default=6000, help="first N tissue tiles (default 6000)")
+    stream.add_argument("--repeat", type=_positive_int, default=3,
+                        help="rounds of all cases, interleaved; the table gives medians (default 3)")
     stream.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     stream.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     stream.set_defaults(run=cmd_bench_stream)
@@ -284,7 +286,7 @@ def cmd_bench_stream(args) -> int:
         print(f"  {row['case']:<12} {row['tiles_per_s']:8.0f} tiles/s  peak RSS {row['peak_rss_mib']:.0f} MiB",
               file=sys.stderr)
 
-    rows = bench_stream(str(args.slide), args.tiles, cases, on_row=show)
+    rows = bench_stream(str(args.slide), args.tiles, cases, on_row=show, repeat=args.repeat)
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
