@@ -34,6 +34,12 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
     score.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB")
     score.add_argument("-o", "--out", type=Path, default=Path("hexfast-out"), help="output directory (default hexfast-out)")
     score.add_argument("--resume", action="store_true", help="skip slides whose outputs are complete")
+    score.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="score on a Ray cluster, one worker per GPU (or --ray-workers CPU workers): "
+                            "--ray alone joins the cluster `ray start` runs here or starts one; "
+                            "--ray auto / HOST:6379 / ray://HOST:10001 connects (pip install 'hexfast[cluster]')")
+    score.add_argument("--ray-workers", type=_positive_int, metavar="N",
+                       help="with --ray: number of workers (default: one per GPU; CPU backend: cluster CPUs // 2)")
     score.set_defaults(run=cmd_score)
 
     demo = sub.add_parser("demo", parents=[common, run],
@@ -89,6 +95,11 @@ def cmd_score(args) -> int:
     from .outputs import prepare_output_dir
     from .results import outputs_complete
 
+    ray_address = getattr(args, "ray", None)
+    if ray_address is not None:
+        from .cluster import import_ray
+
+        import_ray()  # not installed: one line, before anything else happens
     out = prepare_output_dir(args.out)
     slides, problems = expand_slides(args.slides)
     rows: list[tuple[str, str, str, str, str, str]] = []
@@ -110,7 +121,11 @@ def cmd_score(args) -> int:
         print(f"hexfast: --resume: {len(slides) - len(todo)} of {len(slides)} slides already complete", file=sys.stderr)
 
     failed = len(problems)
-    if todo:
+    if todo and ray_address is not None:
+        from .cluster import score_on_ray
+
+        failed += score_on_ray(todo, out, rows, args)
+    elif todo:
         with _scorer(args) as scorer:
             if scorer.bundle.demo:
                 _warn_demo()
