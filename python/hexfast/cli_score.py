@@ -96,6 +96,9 @@ def cmd_score(args) -> int:
     from .results import outputs_complete
 
     ray_address = getattr(args, "ray", None)
+    if ray_address is not None and _looks_like_slide(ray_address):  # `--ray SLIDE ...`: a slide, not an address
+        args.slides.insert(0, ray_address)
+        ray_address = args.ray = "local"
     if ray_address is not None:
         from .cluster import import_ray
 
@@ -133,6 +136,10 @@ def cmd_score(args) -> int:
             failed += _score_all(scorer, todo, out, rows, args)
     _summary(rows)
     return EXIT_ERROR if failed else 0
+
+
+def _looks_like_slide(arg: str) -> bool:
+    return Path(arg).exists() or Path(arg).suffix.lower() in SLIDE_SUFFIXES or any(c in arg for c in "*?[")
 
 
 def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:

@@ -150,8 +150,12 @@ def score_on_ray(slides: list[Path], out: Path, rows: list, args) -> int:
 
 
 def _cause(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
+    """Ray's messages run to paragraphs: the gist, one line."""
+    text = " ".join(str(e).split())
+    if "worker process has died" in text or "exit type" in text.lower():
+        detail = text.split("Worker exit detail:", 1)[-1].split(". ")[0].strip() if "exit detail" in text else ""
+        return "its worker process died" + (f": {detail}" if detail else "")
+    return text[:200] or type(e).__name__
 
 
 def _dispatch(ray, actors: list, new_actor, slides: list[Path], out: Path, rows: list, args, tqdm) -> int:
