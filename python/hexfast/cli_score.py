@@ -31,7 +31,8 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
 
     score = sub.add_parser("score", parents=[common, mpp, run],
                            help="score slides: virtual CODEX (40 markers), features, MICA risk")
-    score.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB")
+    # "*", checked in cmd_score: `score --ray SLIDE` must not fail in argparse (--ray's optional ADDRESS takes SLIDE)
+    score.add_argument("slides", nargs="*", metavar="SLIDE|DIR|GLOB")
     score.add_argument("-o", "--out", type=Path, default=Path("hexfast-out"), help="output directory (default hexfast-out)")
     score.add_argument("--resume", action="store_true", help="skip slides whose outputs are complete")
     score.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -99,6 +100,10 @@ def cmd_score(args) -> int:
     if ray_address is not None and _looks_like_slide(ray_address):  # `--ray SLIDE ...`: a slide, not an address
         args.slides.insert(0, ray_address)
         ray_address = args.ray = "local"
+    if not args.slides:  # as argparse words it for nargs="+"
+        print("hexfast score: error: the following arguments are required: SLIDE|DIR|GLOB "
+              "(see hexfast score --help)", file=sys.stderr)
+        return EXIT_ERROR
     if ray_address is not None:
         from .cluster import import_ray
 
