@@ -31,9 +31,16 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
 
     score = sub.add_parser("score", parents=[common, mpp, run],
                            help="score slides: virtual CODEX (40 markers), features, MICA risk")
-    score.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB")
+    # "*", checked in cmd_score: `score --ray SLIDE` must not fail in argparse (--ray's optional ADDRESS takes SLIDE)
+    score.add_argument("slides", nargs="*", metavar="SLIDE|DIR|GLOB")
     score.add_argument("-o", "--out", type=Path, default=Path("hexfast-out"), help="output directory (default hexfast-out)")
     score.add_argument("--resume", action="store_true", help="skip slides whose outputs are complete")
+    score.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="score on a Ray cluster, one worker per GPU (or --ray-workers CPU workers): "
+                            "--ray alone joins the cluster `ray start` runs here or starts one; "
+                            "--ray auto / HOST:6379 / ray://HOST:10001 connects (pip install 'hexfast[cluster]')")
+    score.add_argument("--ray-workers", type=_positive_int, metavar="N",
+                       help="with --ray: number of workers (default: one per GPU; CPU backend: cluster CPUs // 2)")
     score.set_defaults(run=cmd_score)
 
     demo = sub.add_parser("demo", parents=[common, run],
@@ -89,6 +96,18 @@ def cmd_score(args) -> int:
     from .outputs import prepare_output_dir
     from .results import outputs_complete
 
+    ray_address = getattr(args, "ray", None)
+    if ray_address is not None and _looks_like_slide(ray_address):  # `--ray SLIDE ...`: a slide, not an address
+        args.slides.insert(0, ray_address)
+        ray_address = args.ray = "local"
+    if not args.slides:  # as argparse words it for nargs="+"
+        print("hexfast score: error: the following arguments are required: SLIDE|DIR|GLOB "
+              "(see hexfast score --help)", file=sys.stderr)
+        return EXIT_ERROR
+    if ray_address is not None:
+        from .cluster import import_ray
+
+        import_ray()  # not installed: one line, before anything else happens
     out = prepare_output_dir(args.out)
     slides, problems = expand_slides(args.slides)
     rows: list[tuple[str, str, str, str, str, str]] = []
@@ -110,7 +129,11 @@ def cmd_score(args) -> int:
         print(f"hexfast: --resume: {len(slides) - len(todo)} of {len(slides)} slides already complete", file=sys.stderr)
 
     failed = len(problems)
-    if todo:
+    if todo and ray_address is not None:
+        from .cluster import score_on_ray
+
+        failed += score_on_ray(todo, out, rows, args)
+    elif todo:
         with _scorer(args) as scorer:
             if scorer.bundle.demo:
                 _warn_demo()
@@ -118,6 +141,10 @@ def cmd_score(args) -> int:
             failed += _score_all(scorer, todo, out, rows, args)
     _summary(rows)
     return EXIT_ERROR if failed else 0
+
+
+def _looks_like_slide(arg: str) -> bool:
+    return Path(arg).exists() or Path(arg).suffix.lower() in SLIDE_SUFFIXES or any(c in arg for c in "*?[")
 
 
 def _score_all(scorer, slides: list[Path], out: Path, rows: list, args) -> int:
