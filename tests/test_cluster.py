@@ -10,12 +10,11 @@ it, as under the README's CI test command, this module skips.
 
 from __future__ import annotations
 
+import os
 import re
 
 import h5py
 import numpy as np
-import os
-
 import pytest
 
 import hexfast
