@@ -1,0 +1,112 @@
+"""Plots for RESULTS.md from the JSON the bench commands write (matplotlib: the [bench] extra).
+
+    hexfast bench engine --batch-sizes 1,2,4,8,16,32,64 --json tiny.json
+    python benchmarks/plot_bench.py throughput tiny.json [full.json ...] -o benchmarks/throughput_cpu.png
+    hexfast bench e2e SLIDE --json e2e.json
+    python benchmarks/plot_bench.py timeline e2e.json -o benchmarks/timeline_cpu.png
+
+throughput: tiles/s against batch size, one panel per model (their scales differ by 100×),
+one line per backend / precision, with CPU ms per tile beside each point.
+timeline: one slide through Scorer: the stages in order (top lane), then every HEX engine run
+(bottom lane; the gaps are the engine waiting for tiles or for Python between batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGE_COLOURS = {"tissue+grid": "#8c564b", "stream start": "#e377c2", "stream+hex": "#1f77b4",
+                 "virtual codex": "#bcbd22", "codex encoder+mica": "#ff7f0e", "outputs": "#2ca02c"}
+
+
+def _label(row: dict) -> str:
+    model = Path(row["model"]).name
+    return f"{row['backend']} {row['precision']}" + (f" ({model})" if model else "")
+
+
+def throughput(files: list[Path], out: Path, title: str | None = None) -> None:
+    panels = []
+    for f in files:
+        rows = [r for r in json.loads(Path(f).read_text()) if "error" not in r]
+        if rows:
+            panels.append((f, rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (f, rows) in zip(axes[0], panels):
+        lines: dict[str, list[dict]] = {}
+        for r in rows:
+            lines.setdefault(f"{r['backend']} {r['precision']}", []).append(r)
+        for name, rs in lines.items():
+            rs = sorted(rs, key=lambda r: r["batch"])
+            xs, ys = [r["batch"] for r in rs], [r["tiles_per_s"] for r in rs]
+            ax.plot(xs, ys, marker="o", label=name)
+            for r in rs:
+                ax.annotate(f"{r['tiles_per_s']:.3g}/s\n{r['cpu_ms_per_tile']:.0f} CPU ms", (r["batch"], r["tiles_per_s"]),
+                            textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch"] for r in rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_ylim(0, max(r["tiles_per_s"] for r in rows) * 1.3)
+        ax.set_xlabel("batch size (tiles)")
+        ax.set_ylabel("tiles/s (engine only)")
+        demo = " (demo weights)" if rows[0].get("demo") else ""
+        name = rows[0].get("encoder") or Path(rows[0]["model"]).name
+        ax.set_title(f"{name}{demo}\n{rows[0]['tile']} px tiles", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or f"HEX engine throughput — {rows[0]['describe'].split(', ')[-1]}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    print(f"wrote {out}")
+
+
+def timeline(file: Path, out: Path, title: str | None = None) -> None:
+    r = json.loads(Path(file).read_text())
+    stages = [(k, v) for k, v in r["seconds"].items() if "within" not in k]
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    t = 0.0
+    for name, seconds in stages:
+        ax.barh(1, seconds, left=t, height=0.6, color=STAGE_COLOURS.get(name, "#7f7f7f"), edgecolor="white",
+                label=f"{name} {seconds:.2f} s")
+        t += seconds
+    for i, b in enumerate(r["trace"]):
+        ax.barh(0, b["end"] - b["start"], left=b["start"], height=0.6, color="#1f77b4" if i else "#6baed6",
+                edgecolor="white", linewidth=0.3)
+    busy = r.get("engine_busy")
+    eff = r.get("pipeline_efficiency")
+    ax.set_yticks([0, 1], [f"HEX engine runs\n({len(r['trace'])} batches of ≤{r['batch_size']})", "Scorer stages"])
+    ax.set_xlabel("seconds from Scorer.score()")
+    ax.set_xlim(0, max(t, r["trace"][-1]["end"] if r["trace"] else 0) * 1.01)
+    note = (f"engine busy {100 * busy:.1f} % of stream+hex" if busy is not None else "") + \
+           (f"; e2e {r['e2e_tiles_per_s']:.3g} tiles/s vs engine alone {r['engine_tiles_per_s']:.3g} "
+            f"(efficiency {eff:.2f})" if eff is not None else "")
+    ax.set_title(title or f"{Path(r['slide']).name}: {r['tiles']} tiles, {r['describe'].split(':')[0]} "
+                          f"{r['precision']}, {r['e2e_seconds']:.1f} s — {note}", fontsize=9)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kind", choices=("throughput", "timeline"))
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("-o", "--out", type=Path, required=True)
+    p.add_argument("--title")
+    args = p.parse_args(argv)
+    if args.kind == "throughput":
+        throughput(args.files, args.out, args.title)
+    else:
+        timeline(args.files[0], args.out, args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
