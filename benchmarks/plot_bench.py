@@ -32,35 +32,46 @@ def _label(row: dict) -> str:
 
 
 def throughput(files: list[Path], out: Path, title: str | None = None) -> None:
+    """Top row: engine tiles/s (wall clock); bottom row: CPU ms per tile (process CPU time, which
+    other load on a shared machine barely moves). One column per JSON file (model)."""
     panels = []
     for f in files:
         rows = [r for r in json.loads(Path(f).read_text()) if "error" not in r]
         if rows:
-            panels.append((f, rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    for ax, (f, rows) in zip(axes[0], panels):
+            panels.append(rows)
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.4 * len(panels), 6.6), squeeze=False, sharex="col")
+    for col, rows in enumerate(panels):
         lines: dict[str, list[dict]] = {}
         for r in rows:
             lines.setdefault(f"{r['backend']} {r['precision']}", []).append(r)
+        top, bottom = axes[0][col], axes[1][col]
         for name, rs in lines.items():
             rs = sorted(rs, key=lambda r: r["batch"])
-            xs, ys = [r["batch"] for r in rs], [r["tiles_per_s"] for r in rs]
-            ax.plot(xs, ys, marker="o", label=name)
+            xs = [r["batch"] for r in rs]
+            top.plot(xs, [r["tiles_per_s"] for r in rs], marker="o", label=name)
+            bottom.plot(xs, [r["cpu_ms_per_tile"] for r in rs], marker="s", label=name)
             for r in rs:
-                ax.annotate(f"{r['tiles_per_s']:.3g}/s\n{r['cpu_ms_per_tile']:.0f} CPU ms", (r["batch"], r["tiles_per_s"]),
-                            textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["batch"] for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_ylim(0, max(r["tiles_per_s"] for r in rows) * 1.3)
-        ax.set_xlabel("batch size (tiles)")
-        ax.set_ylabel("tiles/s (engine only)")
+                top.annotate(f"{r['tiles_per_s']:.3g}", (r["batch"], r["tiles_per_s"]), textcoords="offset points",
+                             xytext=(0, 6), ha="center", fontsize=7)
+                bottom.annotate(f"{r['cpu_ms_per_tile']:.4g}", (r["batch"], r["cpu_ms_per_tile"]),
+                                textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        batches = sorted({r["batch"] for r in rows})
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(batches)
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlim(batches[0] / 1.4, batches[-1] * 1.4)
+            ax.grid(alpha=0.3)
+        top.set_ylim(0, max(r["tiles_per_s"] for r in rows) * 1.25)
+        bottom.set_ylim(0, max(r["cpu_ms_per_tile"] for r in rows) * 1.25)
+        top.set_ylabel("tiles/s (engine alone, wall)")
+        bottom.set_ylabel("CPU ms per tile (all threads)")
+        bottom.set_xlabel("batch size (tiles)")
+        top.legend(fontsize=8, loc="lower right")
         demo = " (demo weights)" if rows[0].get("demo") else ""
         name = rows[0].get("encoder") or Path(rows[0]["model"]).name
-        ax.set_title(f"{name}{demo}\n{rows[0]['tile']} px tiles", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title or f"HEX engine throughput — {rows[0]['describe'].split(', ')[-1]}", fontsize=11)
+        top.set_title(f"{name}{demo}, {rows[0]['tile']} px tiles", fontsize=9)
+    fig.suptitle(title or f"HEX engine throughput — {panels[0][0]['describe'].split(', ')[-1]}", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     print(f"wrote {out}")

@@ -23,7 +23,8 @@ ENGINE_FIELDS = {"model", "demo", "encoder", "backend", "describe", "precision",
 E2E_FIELDS = {"slide", "tiles", "tile_px", "backend", "describe", "batch_size", "threads", "seconds", "wall_seconds",
               "e2e_seconds", "e2e_tiles_per_s", "slide_tiles_per_s", "engine_batch", "engine_tiles_per_s",
               "stream_tiles_per_s", "pipeline_efficiency", "steady_tiles_per_s", "pipeline_efficiency_steady",
-              "engine_busy", "cpu_ms_per_tile", "peak_rss_mib", "stream_peak_rss_mib", "gpu_mem_mib", "trace"}
+              "engine_busy", "engine_before", "engine_after", "cpu_efficiency", "pipeline_efficiency_load_robust",
+              "cpu_ms_per_tile", "peak_rss_mib", "stream_peak_rss_mib", "gpu_mem_mib", "trace"}
 
 onnx = pytest.importorskip("onnx", reason="the graph count needs onnx (pip install '.[test]')")
 pytest.importorskip("onnxruntime", reason="the graph count and the engines need onnxruntime (pip install '.[test]')")
@@ -211,6 +212,10 @@ def test_bench_e2e_fields(tiny_slide, tmp_path):
     assert r["engine_batch"] == 4 and r["engine_tiles_per_s"] > 0
     assert r["pipeline_efficiency"] == pytest.approx(r["e2e_tiles_per_s"] / r["engine_tiles_per_s"])
     assert 0 < r["engine_busy"] <= 1.0
+    assert r["engine_before"]["batch"] == r["engine_after"]["batch"] == 4
+    assert r["engine_tiles_per_s"] == pytest.approx((r["engine_before"]["tiles_per_s"]
+                                                     + r["engine_after"]["tiles_per_s"]) / 2)
+    assert r["pipeline_efficiency_load_robust"] == pytest.approx(r["engine_busy"] * r["cpu_efficiency"])
     assert "stream+hex" in r["seconds"] and r["wall_seconds"] <= r["e2e_seconds"] + 1e-6
     assert r["gpu_mem_mib"] == "n/a" or isinstance(r["gpu_mem_mib"], float)
     assert (tmp_path / "out" / "tiny").is_dir()  # --out keeps the slide's outputs

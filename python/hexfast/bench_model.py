@@ -11,14 +11,17 @@ runs for `seconds` per batch size), one process per backend so each has its own 
 
 e2e: one slide through Scorer (tissue, grid, TileStream → HEX engine, virtual CODEX, CODEX encoder
 + MICA, outputs to a scratch directory), with the HEX engine wrapped to record every batch
-(start, end, tiles, CPU); then, in the same process, the engine alone at the same batch size on
-the slide's first batch of tiles; then, in a fresh process, the TileStream alone over the same
-tiles (hexfast.bench's stream case). Fields:
+(start, end, tiles, CPU); in the same process, the engine alone at the same batch size just before
+the slide (random tiles; this also warms the engine) and just after (the slide's first batch); then,
+in a fresh process, the TileStream alone over the same tiles (hexfast.bench's stream case). Fields:
   tiles, seconds (the SlideResult's stages), e2e_seconds (around Scorer.score), e2e_tiles_per_s
   (SlideResult.tiles_per_s: tiles over the stream+hex stage), engine_tiles_per_s, stream_tiles_per_s,
   pipeline_efficiency = e2e_tiles_per_s / engine_tiles_per_s (the goal is ≥ 0.95: the engine never
   waits for tiles), steady_tiles_per_s / pipeline_efficiency_steady (the same from the end of the
-  first batch on: without the engine's first run and the ring filling), engine_busy (engine seconds / stream+hex seconds), slide_tiles_per_s (tiles /
+  first batch on), engine_busy (engine seconds / stream+hex seconds), cpu_efficiency (engine-alone
+  CPU per tile / process CPU per tile during the slide's engine runs), pipeline_efficiency_load_robust
+  = engine_busy × cpu_efficiency (an estimate that other load on a shared CPU barely moves; on a GPU
+  read pipeline_efficiency), slide_tiles_per_s (tiles /
   e2e_seconds, every stage), cpu_ms_per_tile, peak_rss_mib, gpu_mem_mib, trace (per batch).
 """
 
@@ -213,12 +216,28 @@ def _rate(x: float) -> str:
 
 # ----------------------------------------------------------------------------- end to end
 
+def _engine_alone(timed: TimedEngine, feeds: dict, seconds: float, warmup: int) -> dict:
+    """engines.measure on `feeds` at their batch size, with the process CPU time per tile."""
+    from .engines import measure
+
+    batch = int(next(iter(feeds.values())).shape[0])
+    saved, timed.records = timed.records, []
+    try:
+        (m,) = measure(timed, lambda b: feeds, [batch], seconds=seconds, warmup=warmup)
+        runs = timed.records[warmup:]
+    finally:
+        timed.records = saved
+    return {**m, "cpu_ms_per_tile": 1e3 * sum(r[3] for r in runs) / (batch * len(runs))}
+
+
 def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp32", batch_size: int = 64,
              threads: int = 2, engine_threads: int | None = None, engine_seconds: float = 5.0,
              out: str | None = None) -> dict:
-    """Scores `slide` once, tracing the HEX engine, then measures the engine alone (this process)."""
-    from .engines import measure
+    """Scores `slide` once, tracing the HEX engine, with the engine measured alone (this process) just
+    before (random tiles of the slide's tile size, batch_size) and just after (the slide's first batch):
+    bracketing the slide in time makes the ratio less sensitive to other load on the machine."""
     from .pipeline import Scorer
+    from .slide import open_slide
 
     start = time.perf_counter()
     scorer = Scorer(model, backend, precision=precision, batch_size=batch_size, threads=threads,
@@ -230,6 +249,9 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
         out = scratch
     try:
         timed = TimedEngine(scorer.hex, keep_first=True)
+        with open_slide(slide) as s:
+            tile_px = s.tile.size
+        before = _engine_alone(timed, {"tiles": random_tiles(batch_size, tile_px)}, engine_seconds, warmup=1)
         scorer.hex = timed
         c0, t0 = cpu_seconds(), time.perf_counter()
         result = scorer.score(slide, out=out)
@@ -237,20 +259,19 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
         rss = peak_rss_mib()
         gpu = gpu_memory_mib(timed)
         n = len(result.coords)
-        engine = {"tiles_per_s": 0.0, "latency_ms": 0.0, "cpu_ms_per_tile": 0.0, "batch": 0}
-        if timed.first is not None:
-            feeds = timed.first
-            batch = int(next(iter(feeds.values())).shape[0])
-            timed.records, scored = [], timed.records
-            # No warm-up: the engine has just run this very batch shape through the slide.
-            (m,) = measure(timed, lambda b: feeds, [batch], seconds=engine_seconds, warmup=0)
-            runs = timed.records
-            engine = {**m, "cpu_ms_per_tile": 1e3 * sum(r[3] for r in runs) / (batch * len(runs))}
-            timed.records = scored
+        after = None
+        if timed.first is not None:  # no warm-up: the engine has just run this very batch through the slide
+            after = _engine_alone(timed, timed.first, engine_seconds, warmup=0)
+        alone = [m for m in (before, after) if m is not None and m["batch"] == (after or before)["batch"]]
+        engine_rate = sum(m["tiles_per_s"] for m in alone) / len(alone)
+        engine_cpu = sum(m["cpu_ms_per_tile"] for m in alone) / len(alone)
         stream_hex = result.seconds.get("stream+hex", 0.0)
         engine_within = sum(r[1] - r[0] for r in timed.records)
+        busy = engine_within / stream_hex if stream_hex else None
+        during_cpu = 1e3 * sum(r[3] for r in timed.records) / n if n else None
+        cpu_eff = engine_cpu / during_cpu if during_cpu else None
         e2e_rate = result.tiles_per_s
-        # After the first batch (the engine's first run at this shape, and the stream filling its ring).
+        # From the end of the first batch on (without the stream filling its ring).
         steady = None
         if len(timed.records) > 1:
             span = timed.records[-1][1] - timed.records[0][1]
@@ -261,12 +282,15 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
             "precision": precision, "batch_size": batch_size, "threads": threads,
             "model_load_seconds": load_s, "seconds": dict(result.seconds), "wall_seconds": result.wall_seconds,
             "e2e_seconds": e2e_s, "e2e_tiles_per_s": e2e_rate, "slide_tiles_per_s": n / e2e_s if e2e_s else 0.0,
-            "engine_batch": engine["batch"], "engine_tiles_per_s": engine["tiles_per_s"],
-            "engine_latency_ms": engine["latency_ms"], "engine_cpu_ms_per_tile": engine["cpu_ms_per_tile"],
-            "pipeline_efficiency": e2e_rate / engine["tiles_per_s"] if engine["tiles_per_s"] else None,
+            "engine_batch": alone[0]["batch"], "engine_tiles_per_s": engine_rate,
+            "engine_before": before, "engine_after": after,
+            "engine_latency_ms": alone[-1]["latency_ms"], "engine_cpu_ms_per_tile": engine_cpu,
+            "pipeline_efficiency": e2e_rate / engine_rate if engine_rate else None,
             "steady_tiles_per_s": steady,
-            "pipeline_efficiency_steady": steady / engine["tiles_per_s"] if steady and engine["tiles_per_s"] else None,
-            "engine_busy": engine_within / stream_hex if stream_hex else None,
+            "pipeline_efficiency_steady": steady / engine_rate if steady and engine_rate else None,
+            "engine_busy": busy,
+            "during_cpu_ms_per_tile": during_cpu, "cpu_efficiency": cpu_eff,
+            "pipeline_efficiency_load_robust": busy * cpu_eff if busy is not None and cpu_eff is not None else None,
             "cpu_ms_per_tile": 1e3 * cpu_s / n if n else 0.0, "peak_rss_mib": rss, "gpu_mem_mib": gpu,
             "trace": [{"start": a - t0, "end": b - t0, "tiles": k, "cpu": c} for a, b, k, c in timed.records],
         }
@@ -305,21 +329,28 @@ def bench_e2e(slide, model=None, backend: str = "auto", precision: str = "fp32",
 
 
 def format_e2e(r: dict) -> str:
-    eff = f"{r['pipeline_efficiency']:.3f}" if r["pipeline_efficiency"] is not None else "n/a"
+    def f3(x):
+        return f"{x:.3f}" if x is not None else "n/a"
+
+    eff = f3(r["pipeline_efficiency"])
     if r.get("pipeline_efficiency_steady") is not None:
-        eff += f" ({r['pipeline_efficiency_steady']:.3f} after batch 1)"
+        eff += f" ({f3(r['pipeline_efficiency_steady'])} after batch 1)"
     busy = f"{100 * r['engine_busy']:.1f} %" if r["engine_busy"] is not None else "n/a"
     gpu = r["gpu_mem_mib"] if isinstance(r["gpu_mem_mib"], str) else f"{r['gpu_mem_mib']:.0f} MiB"
     stages = ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items())
+    alone = [m for m in (r.get("engine_before"), r.get("engine_after")) if m]
     return "\n".join([
         f"{Path(r['slide']).name}: {r['tiles']} tiles of {r['tile_px']} px; {r['describe']}; batch {r['batch_size']}, "
         f"{r['threads']} stream threads",
         "| slide s (Scorer.score) | e2e tiles/s (stream+hex) | engine-only tiles/s | stream-only tiles/s "
-        "| pipeline efficiency | engine busy | whole-slide tiles/s | CPU ms/tile | peak RSS MiB | GPU memory |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| pipeline efficiency | engine busy | CPU efficiency | load-robust efficiency | whole-slide tiles/s "
+        "| CPU ms/tile | peak RSS MiB | GPU memory |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {r['e2e_seconds']:.2f} | {_rate(r['e2e_tiles_per_s'])} | {_rate(r['engine_tiles_per_s'])} "
-        f"| {_rate(r['stream_tiles_per_s'])} | {eff} | {busy} | {_rate(r['slide_tiles_per_s'])} "
+        f"| {_rate(r['stream_tiles_per_s'])} | {eff} | {busy} | {f3(r.get('cpu_efficiency'))} "
+        f"| {f3(r.get('pipeline_efficiency_load_robust'))} | {_rate(r['slide_tiles_per_s'])} "
         f"| {r['cpu_ms_per_tile']:.2f} | {r['peak_rss_mib']:.0f} | {gpu} |",
+        f"engine alone (before / after the slide): {' / '.join(_rate(m['tiles_per_s']) for m in alone)} tiles/s; "
         f"stages (s): {stages}; model load {r['model_load_seconds']:.2f} s",
     ])
 

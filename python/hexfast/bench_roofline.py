@@ -392,7 +392,10 @@ def roofline(model=None, backend: str = "auto", precision: str = "fp32", batch_s
 
     row = engine_rows(bundle, backend, precision, [batch_size], tile, seconds, threads)[0]
     on_gpu = isinstance(row["gpu_mem_mib"], float) and row["backend"] != "ort-cpu"
-    peak = measure_peak("cuda" if on_gpu else "cpu", seconds=peak_seconds)
+    try:
+        peak = measure_peak("cuda" if on_gpu else "cpu", seconds=peak_seconds)
+    except (ImportError, RuntimeError) as e:  # a GPU engine without a CUDA build of torch to measure the peak
+        peak = PeakResult(device=f"peak not measured ({e})")
     peak_dtype = {"fp32": "tf32", "fp16": "fp16", "bf16": "bf16"}[precision] if on_gpu else "fp32"
     peak_tflops = peak.peak(peak_dtype)
     achieved = total_g * row["tiles_per_s"] / 1e12
