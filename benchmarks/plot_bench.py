@@ -78,9 +78,12 @@ def throughput(files: list[Path], out: Path, title: str | None = None) -> None:
 
 
 def timeline(file: Path, out: Path, title: str | None = None) -> None:
+    """Top: the Scorer's stages in order, and every HEX engine run (gaps: the engine waiting for tiles
+    or for Python between batches). Bottom: each batch's tiles/s against the engine measured alone
+    just before and just after the slide (dashed)."""
     r = json.loads(Path(file).read_text())
     stages = [(k, v) for k, v in r["seconds"].items() if "within" not in k]
-    fig, ax = plt.subplots(figsize=(10, 3.4))
+    fig, (ax, rate) = plt.subplots(2, 1, figsize=(10, 5.6), sharex=True, gridspec_kw={"height_ratios": [1.2, 1]})
     t = 0.0
     for name, seconds in stages:
         ax.barh(1, seconds, left=t, height=0.6, color=STAGE_COLOURS.get(name, "#7f7f7f"), edgecolor="white",
@@ -89,17 +92,36 @@ def timeline(file: Path, out: Path, title: str | None = None) -> None:
     for i, b in enumerate(r["trace"]):
         ax.barh(0, b["end"] - b["start"], left=b["start"], height=0.6, color="#1f77b4" if i else "#6baed6",
                 edgecolor="white", linewidth=0.3)
-    busy = r.get("engine_busy")
-    eff = r.get("pipeline_efficiency")
     ax.set_yticks([0, 1], [f"HEX engine runs\n({len(r['trace'])} batches of ≤{r['batch_size']})", "Scorer stages"])
-    ax.set_xlabel("seconds from Scorer.score()")
-    ax.set_xlim(0, max(t, r["trace"][-1]["end"] if r["trace"] else 0) * 1.01)
-    note = (f"engine busy {100 * busy:.1f} % of stream+hex" if busy is not None else "") + \
-           (f"; e2e {r['e2e_tiles_per_s']:.3g} tiles/s vs engine alone {r['engine_tiles_per_s']:.3g} "
-            f"(efficiency {eff:.2f})" if eff is not None else "")
-    ax.set_title(title or f"{Path(r['slide']).name}: {r['tiles']} tiles, {r['describe'].split(':')[0]} "
-                          f"{r['precision']}, {r['e2e_seconds']:.1f} s — {note}", fontsize=9)
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
+    end = max(t, r["trace"][-1]["end"] if r["trace"] else 0) * 1.01
+    ax.set_xlim(0, end)
+    ax.legend(fontsize=7.5, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
+
+    if r["trace"]:
+        mids = [(b["start"] + b["end"]) / 2 for b in r["trace"]]
+        rates = [b["tiles"] / (b["end"] - b["start"]) for b in r["trace"]]
+        rate.plot(mids, rates, marker="o", ms=3, lw=1, label="each batch in the slide")
+    for key, style in (("engine_before", "--"), ("engine_after", ":")):
+        m = r.get(key)
+        if m:
+            rate.axhline(m["tiles_per_s"], ls=style, color="#d62728", lw=1,
+                         label=f"engine alone, {key.split('_')[1]} the slide: {m['tiles_per_s']:.3g} tiles/s")
+    rate.set_ylim(0, max([*rates, *(r[k]["tiles_per_s"] for k in ("engine_before", "engine_after") if r.get(k))]) * 1.3
+                  if r["trace"] else 1)
+    rate.set_ylabel("tiles/s")
+    rate.set_xlabel("seconds from Scorer.score()")
+    rate.grid(alpha=0.3)
+    rate.legend(fontsize=7.5, loc="lower right")
+
+    def fmt(x):
+        return f"{x:.2f}" if x is not None else "n/a"
+
+    head = title or (f"{Path(r['slide']).name}: {r['tiles']} tiles of {r['tile_px']} px, {r['describe'].split(':')[0]} "
+                     f"{r['precision']}, batch {r['batch_size']}, {r['e2e_seconds']:.1f} s")
+    sub = (f"engine busy {100 * (r.get('engine_busy') or 0):.1f} % of stream+hex; e2e {r['e2e_tiles_per_s']:.3g} tiles/s "
+           f"vs engine alone {r['engine_tiles_per_s']:.3g} (efficiency {fmt(r.get('pipeline_efficiency'))}, "
+           f"load-robust {fmt(r.get('pipeline_efficiency_load_robust'))})")
+    ax.set_title(f"{head}\n{sub}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     print(f"wrote {out}")
