@@ -41,7 +41,8 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia-s
 [ -f "$BUNDLE/manifest.json" ] || step export hexfast export --demo --size full --fp16 -o "$BUNDLE"
 if python -c "import tensorrt" 2>/dev/null; then
   for p in --fp16 --bf16 ""; do
-    step "build-engines $p" hexfast build-engines "$BUNDLE" $p --max-batch 128 --tile-sizes 224
+    step "build-engines $p" hexfast build-engines "$BUNDLE" $p --max-batch 128 --tile-sizes 224 \
+      --models hex,codex_encoder,mica
   done
 fi
 

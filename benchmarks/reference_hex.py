@@ -144,8 +144,10 @@ def run_hexfast(args, coords, size, out_dir: Path) -> dict:
     bundle = load_bundle(args.model)
     t = time.perf_counter()
     precision = args.precision
-    engine = create_engine(bundle.model_path("hex", "fp16" if precision == "fp16" and bundle.has("hex", "fp16")
-                                             else "fp32"), args.backend, precision=precision)
+    from hexfast.bench_model import hex_model_file, plan_dir_for
+
+    engine = create_engine(hex_model_file(bundle, precision), args.backend, precision=precision,
+                           plan_dir=plan_dir_for(bundle))
     load_s = time.perf_counter() - t
     markers, embeddings = [], []
     with open_slide(args.slide) as slide:

@@ -116,8 +116,11 @@ def plan_dir_for(bundle) -> Path | None:
 
 
 def hex_model_file(bundle, precision: str) -> Path:
-    """The ONNX file an engine of `precision` loads: the fp16 file for fp16 where the bundle has one."""
-    return bundle.model_path("hex", "fp16" if precision == "fp16" and bundle.has("hex", "fp16") else "fp32")
+    """The file every backend is created from: the bundle's fp32 `hex.onnx` at any precision. Reduced
+    precision comes from the backend (TensorRT plans `hex.<precision>.plan` found by this file's stem,
+    ort-trt's fp16/bf16 flags, torch autocast); the bundle's hex.fp16.onnx is what `build-engines`
+    builds fp16 plans from, and its stem would name plans `hex.fp16.<precision>.plan`."""
+    return bundle.model_path("hex", "fp32")
 
 
 def encoder_label(bundle) -> str:
@@ -216,6 +219,33 @@ def _rate(x: float) -> str:
 
 # ----------------------------------------------------------------------------- end to end
 
+def scorer_bundle(model, precision: str):
+    """The bundle to give Scorer, and what was adjusted. Where TensorRT plans or reduced precision are
+    involved, a view of the bundle that (1) opens every model from its fp32 ONNX file (the engines take
+    fp16 / bf16 from their flags and plans, and `hex.fp16.onnx`'s stem would name the plan
+    `hex.fp16.fp16.plan`; there is no bf16 file) and (2) points plan_dir at the folder
+    `hexfast build-engines` writes (BUNDLE/engines/<gpu>-trt<version>/; Scorer asks for
+    engine_cache_dir(<model name>)). On a CPU at fp32 the bundle is used as is."""
+    from .bundle import Bundle, load_bundle
+
+    bundle = model if isinstance(model, Bundle) else load_bundle(model)
+    plan_dir = plan_dir_for(bundle)
+    if precision == "fp32" and plan_dir is None:
+        return bundle, []
+
+    class View(Bundle):
+        def model_path(self, name, precision="fp32"):
+            return super().model_path(name, "fp32")
+
+        def engine_cache_dir(self, key):
+            return plan_dir if plan_dir is not None else super().engine_cache_dir(key)
+
+    done = ["models opened from their fp32 ONNX files (precision from the backend)"]
+    if plan_dir is not None:
+        done.append(f"plan_dir {plan_dir}")
+    return View(bundle.path, bundle.manifest, bundle.hash), done
+
+
 def _engine_alone(timed: TimedEngine, feeds: dict, seconds: float, warmup: int) -> dict:
     """engines.measure on `feeds` at their batch size, with the process CPU time per tile."""
     from .engines import measure
@@ -239,8 +269,9 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
     from .pipeline import Scorer
     from .slide import open_slide
 
+    bundle, workarounds = scorer_bundle(model, precision)
     start = time.perf_counter()
-    scorer = Scorer(model, backend, precision=precision, batch_size=batch_size, threads=threads,
+    scorer = Scorer(bundle, backend, precision=precision, batch_size=batch_size, threads=threads,
                     engine_threads=engine_threads)
     load_s = time.perf_counter() - start
     scratch = None
@@ -280,7 +311,7 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
             "slide": str(slide), "tiles": n, "tile_px": int(result.tile_size), "model": str(scorer.bundle.path),
             "demo": scorer.bundle.demo, "backend": scorer.backend, "describe": scorer.hex.describe(),
             "precision": precision, "batch_size": batch_size, "threads": threads,
-            "model_load_seconds": load_s, "seconds": dict(result.seconds), "wall_seconds": result.wall_seconds,
+            "scorer_workarounds": workarounds, "model_load_seconds": load_s, "seconds": dict(result.seconds), "wall_seconds": result.wall_seconds,
             "e2e_seconds": e2e_s, "e2e_tiles_per_s": e2e_rate, "slide_tiles_per_s": n / e2e_s if e2e_s else 0.0,
             "engine_batch": alone[0]["batch"], "engine_tiles_per_s": engine_rate,
             "engine_before": before, "engine_after": after,
