@@ -175,8 +175,10 @@ def test_cli_bench_engine_errors_are_one_line(args, fragment):
 
 # ----------------------------------------------------------------------------- roofline
 
-def test_roofline_fields_on_the_demo_bundle():
+def test_roofline_fields_on_the_demo_bundle(tmp_path, monkeypatch):
     from hexfast.bench_roofline import format_roofline, roofline
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the graph-count cache
 
     r = roofline(None, "ort-cpu", batch_size=2, tile=96, seconds=0.01, peak_seconds=0.01, threads=1)
     assert r["agree"] is True and r["analytic_total"] == r["graph_total"] > 0
@@ -188,7 +190,8 @@ def test_roofline_fields_on_the_demo_bundle():
     assert "| **total** (multiply-add = 2) |" in text and "equal" in text and "of the best fp32 matmul" in text
 
 
-def test_cli_roofline_json(tmp_path):
+def test_cli_roofline_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     out = tmp_path / "roof.json"
     result = hexfast("bench", "roofline", "--batch-size", "1", "--tile", "64", "--seconds", "0.01", "--peak-seconds",
                      "0.01", "--json", out)
