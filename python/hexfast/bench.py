@@ -79,13 +79,13 @@ def _decode(path, coords, size):
     return time.perf_counter() - start, time.process_time() - cpu, len(blobs)
 
 
-def _stream(path, coords, size, threads, out_size=None, **options) -> str:
+def _stream(path, coords, size, threads, out_size=None, batch_size=64, **options) -> str:
     from .slide import open_slide
     from .stream import TileStream
 
     with open_slide(path) as slide:
-        stream = TileStream(slide, coords, read_size=size, out_size=out_size, batch_size=64, threads=threads,
-                            **options)
+        stream = TileStream(slide, coords, read_size=size, out_size=out_size, batch_size=batch_size,
+                            threads=threads, **options)
         for _ in stream:
             pass
     return stream.reader

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .bench import CASES
+from .bench_cli import add_bench_commands
 from .cli_models import add_model_commands
 from .cli_score import add_score_commands
 from .errors import HexfastError
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     stream.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     stream.set_defaults(run=cmd_bench_stream)
+    add_bench_commands(bench_sub, common)  # engine, e2e, roofline (bench_cli.py)
 
     add_model_commands(sub, common)  # export, build-engines (cli_models.py)
     return parser
