@@ -12,6 +12,7 @@ read while the current one is still in the engine.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -101,9 +102,13 @@ class Scorer:
         self.min_tissue = min_tissue
         self._cancel = threading.Event()
 
+        plan_dir = _plan_dir(self.bundle, backend)
+
         def engine(name: str):
-            return create_engine(self.bundle.model_path(name, precision), backend, precision=precision,
-                                 plan_dir=self.bundle.engine_cache_dir(name), threads=engine_threads)
+            # Always the fp32 graph: TensorRT builds fp16/bf16 from it (precision flag), and plans are
+            # named <model>.<precision>.plan after it, as `hexfast build-engines` writes them.
+            return create_engine(self.bundle.model_path(name, "fp32"), backend, precision=precision,
+                                 plan_dir=plan_dir, threads=engine_threads)
 
         self.hex = engine("hex")
         # The slide-level models are small: one run per slide.
@@ -272,6 +277,24 @@ class Scorer:
         out = self.mica.run({"h_path": np.asarray(features, np.float32), "h_codex": codex_features})
         result.mica = {name: np.asarray(value) for name, value in out.items()}
         result.seconds["codex encoder+mica"] = time.perf_counter() - start
+
+
+def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
+    """The bundle's TensorRT plan directory for this GPU + TensorRT version
+    (where `hexfast build-engines` wrote them), or None: no TensorRT/GPU here,
+    a CPU backend, or a read-only bundle (the engines then use their own cache)."""
+    if backend in ("ort-cpu", "ort-cuda") or importlib.util.find_spec("tensorrt") is None:
+        return None
+    from .engine_build import engine_key, gpu_name
+
+    gpu = gpu_name()
+    if gpu is None:
+        return None
+    import tensorrt
+
+    directory = bundle.engine_cache_dir(engine_key(gpu, tensorrt.__version__))
+    writable = directory.is_dir() or os.access(directory.parent if directory.parent.exists() else bundle.path, os.W_OK)
+    return directory if writable else None
 
 
 def _discard(future: Future) -> None:
