@@ -164,12 +164,30 @@ void DecodedTileCache::fulfil(int64_t key, DecodedTile tile) {
         lru_.emplace_front(key, std::move(tile));
         index_[key] = lru_.begin();
         while (bytes_ > capacity_ && lru_.size() > 1) {
-            bytes_ -= lru_.back().second->size;
+            DecodedTile& old = lru_.back().second;
+            bytes_ -= old->size;
+            // Only the cache holds it (holders copy it under mu_): keep its memory for the next decode.
+            if (old.use_count() == 1 && spare_.size() < 16 && (spare_.empty() || old->size == spare_bytes_)) {
+                spare_bytes_ = old->size;
+                spare_.push_back(std::move(std::const_pointer_cast<PixelBuffer>(old)->data));
+            }
             index_.erase(lru_.back().first);
             lru_.pop_back();
         }
     }
     done_.notify_all();
+}
+
+std::shared_ptr<PixelBuffer> DecodedTileCache::buffer(size_t bytes) {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!spare_.empty() && spare_bytes_ == bytes) {
+            auto out = std::make_shared<PixelBuffer>(std::move(spare_.back()), bytes);
+            spare_.pop_back();
+            return out;
+        }
+    }
+    return std::make_shared<PixelBuffer>(bytes);
 }
 
 void DecodedTileCache::abandon(int64_t key) {
@@ -284,7 +302,7 @@ std::string TiledJpegReader::tile(JpegDecoder& decoder, int64_t tx, int64_t ty, 
 
 std::string TiledJpegReader::decode(JpegDecoder& decoder, int64_t key, DecodedTile& out) {
     const uint64_t offset = layout_.offsets[key], n = layout_.byte_counts[key];
-    auto pixels = std::make_shared<PixelBuffer>(static_cast<size_t>(layout_.tile_w * layout_.tile_h * 3));
+    auto pixels = cache_.buffer(static_cast<size_t>(layout_.tile_w * layout_.tile_h * 3));
     if (n == 0) {  // sparse tile: nothing stored, transparent in OpenSlide, black after RGB conversion
         std::memset(pixels->data.get(), 0, pixels->size);
         out = pixels;
