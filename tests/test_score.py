@@ -583,7 +583,10 @@ def test_score_many_prepares_ahead_and_leaks_nothing(tmp_path):
     assert os_threads() == threads
 
 
-def test_ctrl_c_exits_130_and_leaves_no_partial_outputs(cmu, tmp_path):
+@pytest.mark.parametrize("signum, code, message", [(signal.SIGINT, 130, "hexfast: interrupted"),
+                                                   (signal.SIGTERM, 143, "hexfast: terminated")])
+def test_ctrl_c_and_sigterm_exit_cleanly_and_leave_no_partial_outputs(cmu, tmp_path, signum, code, message):
+    """Ctrl-C, and SIGTERM (how batch schedulers stop a job), unwind like an exception."""
     out = tmp_path / "out"
     d = out / CMU_STEM
     # The default SIGINT action: a test run started in the background would hand down SIG_IGN.
@@ -599,14 +602,14 @@ def test_ctrl_c_exits_130_and_leaves_no_partial_outputs(cmu, tmp_path):
         assert temp_files(out), "scoring never started"
         time.sleep(1.0)
         sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=30)
         waited = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
-    assert "hexfast: interrupted" in stderr and "Traceback" not in stderr
+    assert proc.returncode == code, stderr
+    assert message in stderr and "Traceback" not in stderr
     assert waited < 5.0
     assert temp_files(out) == []
     assert not (d / "report.json").exists() and not (d / f"{CMU_STEM}.h5").exists()
