@@ -1,7 +1,6 @@
 """hexfast: fast whole-slide inference for HEX (virtual CODEX) and MICA.
 
-The `hexfast` command. 
-Errors are one line, `hexfast: error: FILE: problem`, exit code 2; `--debug`
+The `hexfast` command. Errors are one line, `hexfast: error: FILE: problem`, exit code 2; `--debug`
 shows the traceback instead."""
 
 from __future__ import annotations
