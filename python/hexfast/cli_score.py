@@ -111,6 +111,13 @@ def cmd_score(args) -> int:
     out = prepare_output_dir(args.out)
     slides, problems = expand_slides(args.slides)
     rows: list[tuple[str, str, str, str, str, str]] = []
+    missing = [p for p in slides if not p.exists()]  # fail these before loading a model for them
+    if missing and args.debug:
+        from .errors import SlideError
+
+        raise SlideError(missing[0], "no such file")
+    problems += [(str(p), "no such file") for p in missing]
+    slides = [p for p in slides if p not in missing]
     for arg, problem in problems:
         print(f"hexfast: error: {arg}: {problem}", file=sys.stderr)
         rows.append((arg, "FAILED", "-", "-", "-", problem))
