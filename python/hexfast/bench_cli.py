@@ -7,39 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_types import positive_float as _positive_float
+from .cli_types import positive_int as _positive_int
+from .cli_types import positive_int_list as _int_list
 from .errors import HexfastError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
-    return value
 
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must list positive whole numbers")
-    return values
 
 
 def _backends(text: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 import threading
@@ -18,6 +17,8 @@ from . import __version__
 from .bench import CASES
 from .bench_cli import add_bench_commands
 from .cli_models import add_model_commands
+from .cli_types import positive_float as _positive_float
+from .cli_types import positive_int as _positive_int
 from .cli_score import add_score_commands
 from .errors import HexfastError
 from .outputs import prepare_output_dir, write_tiles_h5, write_tissue_png
@@ -32,24 +33,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"'{text}' must be a positive number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
-    return value
 
 
 def _fraction(text: str) -> float:

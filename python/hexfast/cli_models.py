@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_types import positive_int as _positive_int
+from .cli_types import positive_int_list
 from .errors import HexfastError
 
 EXPORT_EPILOG = """\
@@ -21,30 +23,16 @@ examples:
   hexfast export --demo --size tiny -o models/demo --fp16     (random weights; manifest says demo: true)
 """
 
+def _sizes(text: str) -> list[int]:
+    return sorted(set(positive_int_list(text)))
+
+
 BUILD_EPILOG = """\
 Plans go to BUNDLE/engines/<gpu>-trt<version>/ (or $HEXFAST_ENGINE_CACHE/<bundle>/<key>/), one per model and
 precision, with one optimisation profile per tile size for HEX (batch 1..max-batch) and a timing cache.
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must be positive")
-    return value
-
-
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = sorted({int(t) for t in text.split(",") if t.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of pixel sizes") from None
-    if not sizes or min(sizes) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' must list positive pixel sizes")
-    return sizes
 
 
 def _musk_config(text: str) -> dict:
