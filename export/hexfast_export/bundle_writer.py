@@ -20,7 +20,6 @@ sizes (sparse, values like HEX predictions), MICA on seeded Gaussian bags of
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from hexfast import __version__
+from hexfast.bundle import sha256_file
 from hexfast.errors import HexfastError
 from hexfast.markers import MARKERS
 
@@ -60,14 +60,6 @@ DTYPES = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 10: "float16", 11: "
 
 class ExportError(HexfastError):
     """An export that cannot be completed; one line naming the file or model and the problem."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- parity inputs
