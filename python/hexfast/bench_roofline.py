@@ -51,7 +51,11 @@ HEAD_HIDDEN = (256, 128)
 
 @dataclass(frozen=True)
 class HexShape:
-    """The HEX graph's shape: MUSK encoder + heads. Defaults: MUSK-L/16 @ 384 (real HEX)."""
+    """The HEX graph's shape: MUSK encoder + heads. Defaults: MUSK-L/16 @ 384 (real HEX).
+
+    Mirrors hexfast_export's MuskConfig on purpose: the runtime must not import
+    torch. tests/test_bench.py checks the formula built on it against the
+    exported graph's own count, so the two cannot drift apart unnoticed."""
 
     img_size: int = 384
     patch_size: int = 16
