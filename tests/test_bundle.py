@@ -18,6 +18,7 @@ from hexfast.bundle import (
 )
 from hexfast.errors import HexfastError
 from hexfast.markers import MARKERS
+from hexfast.mica_stream import stream_mica
 
 
 def hexfast(*args, env=None) -> subprocess.CompletedProcess:
@@ -60,7 +61,7 @@ def test_default_bundle_is_the_shipped_demo():
         for precision in ("fp32", "fp16"):
             assert b.model_path(name, precision).is_file()
     assert b.manifest["mica_features"] == "hex-embedding"
-    assert b.manifest["schema"] == 1 and b.manifest["exporter"].startswith("hexfast_export ")
+    assert b.manifest["schema"] == 2 and b.manifest["exporter"].startswith("hexfast_export ")
     assert not b.has("nope")
     size = sum(p.stat().st_size for p in b.path.iterdir())
     assert size < 10e6, size  # a few MB inside the wheel
@@ -99,13 +100,17 @@ def test_demo_bundle_runs_with_onnxruntime():
             (features,) = codex_s.run(["features"], {"codex": rng.random((40, gh, gw), dtype=np.float32) * 0.1})
             assert features.shape == (40, 384) and features.dtype == np.float32
         mica_s = ort.InferenceSession(str(b.model_path("mica", precision)), providers=["CPUExecutionProvider"])
+        names = [o.name for o in mica_s.get_outputs()]
+        run = lambda feeds: dict(zip(names, mica_s.run(names, feeds)))  # noqa: E731
+        width = b.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
         for n in (1, 250):
-            hazards, survival, risk, coattn = mica_s.run(
-                ["hazards", "survival", "risk", "coattn"],
-                {"h_path": rng.standard_normal((n, 1024), dtype=np.float32), "h_codex": features})
+            h_path = rng.standard_normal((n, 1024), dtype=np.float32)
+            out = stream_mica(run, features, lambda: (h_path[i:i + 100] for i in range(0, n, 100)),
+                              state_width=width, keep_attention=True)
+            hazards, survival, risk = out.hazards, out.survival, out.risk
             assert hazards.shape == (1, 4) and survival.shape == (1, 4) and risk.shape == (1,)
-            assert coattn.shape == (40, n)
-            np.testing.assert_allclose(coattn.sum(axis=1), 1.0, rtol=2e-3)
+            assert out.attention.shape == (40, n)
+            np.testing.assert_allclose(out.attention.sum(axis=1), 1.0, rtol=2e-3)
             assert ((0 < hazards) & (hazards < 1)).all()
             assert np.all(np.diff(survival[0]) <= 0) and risk[0] == pytest.approx(-survival.sum(), rel=2e-3)
 
@@ -118,8 +123,10 @@ def test_signatures_in_manifest():
     assert models["codex_encoder"]["inputs"]["codex"]["shape"] == [40, "grid_height", "grid_width"]
     assert models["codex_encoder"]["outputs"]["features"]["shape"] == [40, 384]
     assert models["mica"]["inputs"] == {"h_path": {"dtype": "float32", "shape": ["tiles", 1024]},
-                                        "h_codex": {"dtype": "float32", "shape": [40, 384]}}
-    assert models["mica"]["outputs"]["coattn"]["shape"] == [40, "tiles"]
+                                        "h_codex": {"dtype": "float32", "shape": [40, 384]},
+                                        "coattn_lse_in": {"dtype": "float32", "shape": [40]},
+                                        "coattn_mean_in": {"dtype": "float32", "shape": [40, 32]}}
+    assert models["mica"]["outputs"]["coattn_scores"]["shape"] == [40, "tiles"]
     assert models["mica"]["outputs"]["risk"]["shape"] == [1]
 
 
@@ -154,7 +161,8 @@ def test_missing_and_bad_manifest(demo_copy, tmp_path):
 
 
 @pytest.mark.parametrize("change,error,fragment", [
-    (lambda m: m.update(schema=2), ManifestInvalidError, "newer than this hexfast"),
+    (lambda m: m.update(schema=3), ManifestInvalidError, "newer than this hexfast"),
+    (lambda m: m.update(schema=1), ManifestInvalidError, "export the bundle again"),
     (lambda m: m.update(schema="one"), ManifestInvalidError, "unsupported schema"),
     (lambda m: m.pop("markers"), ManifestInvalidError, "lacks required key(s) markers"),
     (lambda m: m["models"].pop("hex"), MissingModelError, "no 'hex' model"),

@@ -57,8 +57,11 @@ def run_all(bundle):
         assert features.shape == (40, 384)
     if bundle.has("mica"):
         mica_s = ort.InferenceSession(str(bundle.model_path("mica")), providers=["CPUExecutionProvider"])
-        outs = mica_s.run(None, {"h_path": embedding, "h_codex": features})
-        assert [o.shape for o in outs] == [(1, 4), (1, 4), (1,), (40, 2)]
+        width = bundle.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
+        outs = mica_s.run(None, {"h_path": embedding, "h_codex": features,
+                                 "coattn_lse_in": np.full(40, -1e30, np.float32),
+                                 "coattn_mean_in": np.zeros((40, width), np.float32)})
+        assert [o.shape for o in outs] == [(1, 4), (1, 4), (1,), (40, 2), (40,), (40, width)]
 
 
 def test_demo_tiny_round_trip(tmp_path):

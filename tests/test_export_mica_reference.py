@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch", reason="hexfast_export needs torch (pip ins
 from torch import nn  # noqa: E402
 
 from hexfast_export import Mica, MicaConfig  # noqa: E402
+from hexfast_export.mica import INITIAL_LSE  # noqa: E402
 
 
 def randomise(model, seed=0):
@@ -114,6 +115,39 @@ def test_mica_matches_float64_reference(fusion, pooling, mode):
         assert (ours64 - ref).abs().max().item() <= 1e-12 * scale
     print(f"MICA {fusion}/{pooling}/{mode} fp32 vs float64 reference: worst rel {worst:.3g}; "
           f"risk {out.risk.item():.6f} vs {risk.item():.6f}")
+    # The same slide in uneven chunks through the online softmax (what the ONNX graph computes).
+    streamed = stream_chunks(model.float(), x_path, x_codex, [1, 70, 129, 100])
+    for ours, ref in zip(streamed, (hazards, survival, risk, torch.softmax(scores, -1))):
+        assert (ours.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def stream_chunks(model, x_path, x_codex, sizes):
+    """Mica.forward_chunk over consecutive chunks of the given sizes → hazards, survival, risk, coattn."""
+    lse, mean = torch.full((40,), INITIAL_LSE), torch.zeros(40, model.cfg.dim)
+    scores, start = [], 0
+    with torch.no_grad():
+        for size in sizes:
+            hazards, survival, risk, s, lse, mean = model.forward_chunk(x_path[start:start + size], x_codex, lse, mean)
+            scores.append(s)
+            start += size
+    assert start == len(x_path)
+    return hazards, survival, risk, torch.exp(torch.cat(scores, 1) - lse[:, None])
+
+
+def test_streamed_softmax_survives_extreme_scores():
+    """Scores in the thousands (exp overflows float32 beyond 88) and a first chunk far below the rest.
+    float32 scores near 1000 are only good to ~6e-5 absolute, so the weights agree to ~1e-3 relative."""
+    torch.manual_seed(2)
+    model = randomise(Mica(), seed=2).eval()
+    x_path, x_codex = torch.randn(200, 1024) * 40, torch.rand(40, 384) * 60
+    x_path[:50] *= -1  # the first chunk's scores mostly far below the later maxima
+    with torch.no_grad():
+        out = model(x_path, x_codex)
+    assert out.coattn_scores.abs().max() > 500
+    hazards, _, risk, coattn = stream_chunks(model, x_path, x_codex, [50, 150])
+    assert torch.isfinite(coattn).all() and torch.isfinite(risk).all()
+    torch.testing.assert_close(coattn, out.coattn, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(hazards, out.hazards, rtol=1e-4, atol=1e-6)
 
 
 def test_transformer_and_coattn_match_torch_modules():

@@ -531,7 +531,9 @@ def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monke
     writer = SlideWriter(tmp_path / "out", slide, grid, bundle, "onnxruntime-cpu")
     for i in range(0, n, 7):  # batches smaller than a chunk
         writer.append(coords[i : i + 7], pred[i : i + 7], feats[i : i + 7])
-    np.testing.assert_array_equal(writer.features(), feats)  # read back for MICA
+    for rows in (5, 4096):  # read back for MICA, a chunk at a time
+        np.testing.assert_array_equal(np.concatenate(list(writer.feature_chunks(rows))), feats)
+    assert all(len(c) <= 5 for c in writer.feature_chunks(5))
     att = np.random.default_rng(7).random((40, n)).astype(np.float32)
     engine_out = {"hazards": np.float32([[0.1, 0.2, 0.3, 0.4]]), "survival": np.float32([[0.9, 0.7, 0.5, 0.3]]),
                   "risk": np.float32([-2.4]), "coattn": att}

@@ -260,9 +260,19 @@ def test_mica_risk_equals_the_models_rerun_on_the_h5(cmu, cmu_scored):
     enc = ort.InferenceSession(str(DEFAULT_BUNDLE / "codex_encoder.onnx"), providers=cpu)
     h_codex = enc.run(["features"], {"codex": codex})[0]
     mica = ort.InferenceSession(str(DEFAULT_BUNDLE / "mica.onnx"), providers=cpu)
-    risk = mica.run(["risk"], {"h_path": features, "h_codex": h_codex})[0]
+    width = mica.get_inputs()[3].shape[1]
+    # All tiles in one call from the empty state (the pipeline streams chunks through the same graph).
+    risk, scores, lse = mica.run(["risk", "coattn_scores", "coattn_lse"], {
+        "h_path": features, "h_codex": h_codex, "coattn_lse_in": np.full(40, -1e30, np.float32),
+        "coattn_mean_in": np.zeros((40, width), np.float32)})
     report = json.loads((d / "report.json").read_text())
     assert report["mica"]["risk"] == pytest.approx(float(risk.reshape(())), rel=1e-4, abs=1e-6)
+    attention = np.exp(scores.astype(np.float64) - lse[:, None])
+    np.testing.assert_allclose(attention.sum(axis=1), 1.0, rtol=1e-5)
+    top = report["mica"]["most_attended"]
+    best = int(np.argmax(attention.mean(axis=0)))
+    assert top["overall"][0]["tile"] == best and [top["overall"][0]["x"], top["overall"][0]["y"]] == coords[best].tolist()
+    assert top["per_marker"]["CD8"][0]["attention"] == pytest.approx(attention[1].max(), rel=1e-4)
 
 
 def test_ome_tiff_end_to_end(cmu, cmu_scored):
@@ -491,7 +501,10 @@ def test_api_in_memory_equals_the_cli(cmu, cmu_scored):
         np.testing.assert_allclose(result.features, f["features"][:], rtol=1e-5, atol=1e-5)
     assert result.marker_names == list(MARKERS) and result.tile_size == 112 and result.mpp == pytest.approx(0.499)
     report = json.loads((d / "report.json").read_text())
-    assert float(result.mica["risk"].reshape(())) == pytest.approx(report["mica"]["risk"], rel=1e-4)
+    assert result.mica["risk"] == pytest.approx(report["mica"]["risk"], rel=1e-4)
+    api_top, cli_top = result.mica["most_attended"]["overall"], report["mica"]["most_attended"]["overall"]
+    assert [t["tile"] for t in api_top] == [t["tile"] for t in cli_top]
+    assert [t["attention"] for t in api_top] == pytest.approx([t["attention"] for t in cli_top], rel=1e-4)
     n = len(result.coords)
     assert {stage for stage, _, _ in calls} == {"tiles"} and all(total == n for _, _, total in calls)
     done = [d for _, d, _ in calls]

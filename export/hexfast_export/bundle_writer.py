@@ -13,8 +13,10 @@ model it came from and refuses to write a bundle whose figures exceed
 max|Δ|/max|ref| 1e-4 (fp32) or 1e-2 (fp16) for any output. HEX is checked
 on real H&E tiles (the CMU-1-Small-Region crops shipped in data/, plus any
 `parity_tiles` given), the CODEX encoder on seeded synthetic grids of several
-sizes (sparse, values like HEX predictions), MICA on seeded Gaussian bags of
-1, 37 and 1000 tiles.
+sizes (sparse, values like HEX predictions), MICA's chunk step on seeded
+Gaussian bags of 1, 37 and 1000 tiles from the empty and from a mid-slide
+state, and MICA streamed in chunks of 300 tiles (hexfast.mica_stream) against
+torch's whole-bag forward ("parity_streamed").
 """
 
 from __future__ import annotations
@@ -32,18 +34,17 @@ import torch
 from torch import nn
 
 from hexfast import __version__
-from hexfast.bundle import sha256_file
+from hexfast.bundle import SCHEMA, sha256_file
 from hexfast.errors import HexfastError
 from hexfast.markers import MARKERS
 
 from .hex_model import HexModel
-from .mica import Mica
+from .mica import INITIAL_LSE, Mica
 from .onnx_export import (
     CODEX_OUTPUT_NAMES, MICA_OUTPUT_NAMES, OPSET, OUTPUT_NAMES, CodexGraph, HexGraph, MicaGraph, compare,
-    convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, onnx_session, worst,
+    convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, mica_parity, onnx_session, worst,
 )
 
-SCHEMA = 1
 TILE = {"um": 56.0, "px_at_40x": 224}
 INPUT_NORMALISATION = "in graph: PIL-exact bilinear resize to 384, x/255, (x-0.5)/0.5"
 CODEX_NORMALISATION = ("in graph: float16 rounding, clip to [0,1], x255, round half to even (uint8 values), "
@@ -117,6 +118,19 @@ def mica_parity_bags(path_dim: int, codex_dim: int, seed: int = 0) -> list[tuple
             for n in (1, 37, 1000)]
 
 
+def mica_step_cases(bags, dim: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    """MICA chunk-step inputs: each bag from the empty state and from a mid-slide one."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for hp, hc in bags:
+        channels = hc.shape[0]
+        empty = (np.full(channels, INITIAL_LSE, np.float32), np.zeros((channels, dim), np.float32))
+        mid = (rng.normal(3.0, 1.0, channels).astype(np.float32), rng.standard_normal((channels, dim)).astype(np.float32))
+        for lse, mean in (empty, mid):
+            cases.append({"h_path": hp, "h_codex": hc, "coattn_lse_in": lse, "coattn_mean_in": mean})
+    return cases
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -174,6 +188,19 @@ def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], No
     return entry
 
 
+def _streamed_parity(mica: Mica, work: Path, files: dict[str, str], bags, log: Callable[[str], None]) -> dict:
+    figures_by_precision = {}
+    for precision, file in files.items():
+        session = onnx_session(work / file)
+        figures = worst(*(mica_parity(mica, session, hp, hc, chunk=300) for hp, hc in bags))
+        del session
+        log(f"mica {precision} streamed in chunks vs torch whole-bag forward, max|Δ|/max|ref| "
+            + ", ".join(f"{k} {v:.2e}" for k, v in figures.items()))
+        _check("mica (streamed)", precision, figures)
+        figures_by_precision[precision] = _rounded(figures)
+    return figures_by_precision
+
+
 def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -215,8 +242,11 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
             bags = mica_parity_bags(mica.cfg.path_dim, mica.cfg.codex_dim)
             models["mica"] = _export_model(
                 "mica", work, fp16, lambda p: export_mica_onnx(mica, p), MicaGraph(mica), MICA_OUTPUT_NAMES,
-                [{"h_path": hp, "h_codex": hc} for hp, hc in bags], log)
-            models["mica"]["parity_data"] = "seeded Gaussian bags of 1, 37 and 1000 tiles"
+                mica_step_cases(bags, mica.cfg.dim), log)
+            models["mica"]["parity_data"] = ("chunk step: seeded Gaussian bags of 1, 37 and 1000 tiles from the empty "
+                                             "and a mid-slide state; streamed: the 37- and 1000-tile bags in chunks "
+                                             "of 300 vs the whole-bag forward")
+            models["mica"]["parity_streamed"] = _streamed_parity(mica, work, models["mica"]["files"], bags[1:], log)
             models["mica"]["config"] = {"fusion": mica.cfg.fusion, "pooling": mica.cfg.pooling,
                                         "transformer_mode": mica.cfg.transformer_mode}
         manifest = {

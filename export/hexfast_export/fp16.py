@@ -6,7 +6,8 @@ blocked nodes still round-trips through float16 between them (2^21, the
 rounding constant of the exact resize, becomes inf). The preprocessing must
 stay float32 end to end, so this converter works by regions instead:
 
-* nodes whose name starts with `keep_prefix` (the `/preprocess/` block) and
+* nodes whose name starts with `keep_prefix` (the `/preprocess/` block, MICA's
+  online softmax) and
   the graph inputs form the float32 region; everything else is float16;
 * float initializers and Constant values read by the float16 region get
   float16 copies (values beyond ±65504 are clamped, tiny ones flushed as the
@@ -36,7 +37,8 @@ def _to_half(array: np.ndarray) -> np.ndarray:
     return np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16)
 
 
-def convert_fp16_regions(src: str | os.PathLike, dst: str | os.PathLike, *, keep_prefix: str = "/preprocess/") -> Path:
+def convert_fp16_regions(src: str | os.PathLike, dst: str | os.PathLike, *,
+                         keep_prefix: str | tuple[str, ...] = "/preprocess/") -> Path:
     import onnx
     from onnx import helper, numpy_helper
 

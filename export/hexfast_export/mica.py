@@ -30,6 +30,12 @@ transformer_mode 'shared' aliases codex_transformer / codex_attention_head /
 codex_rho to the path ones (the reference does the same, so a shared
 checkpoint holds both key sets with equal tensors).
 
+Streaming (`forward_chunk`, what the ONNX file computes): step 2's softmax over
+the N tiles is carried across chunks of tiles as an online softmax (running
+log-sum-exp and weighted mean), so a slide's features are read in chunks and
+never held whole; after the last chunk the outputs equal forward()'s up to
+float rounding (tests).
+
 Outputs (`MicaOutput`): hazards [1,4], survival [1,4], risk [1],
 coattn [40, N] (softmax weights of each CODEX channel over the tiles; rows sum
 to 1), coattn_scores [40, N] (the raw scaled scores before the softmax: what
@@ -191,7 +197,8 @@ class Mica(nn.Module):
         d = cfg.dim
         self.wsi_net = nn.Sequential(nn.Linear(cfg.path_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout))
         self.codex_net = nn.Sequential(nn.Linear(cfg.codex_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout))
-        self.coattn = MultiheadAttention(d, heads=1)
+        self.coattn = MultiheadAttention(d, heads=1)  # its weights; forward() computes the one head itself
+        self.accumulate = OnlineSoftmax()
         self.path_transformer = TransformerEncoder(cfg)
         self.path_attention_head = GatedAttention(d, d, cfg.dropout)
         self.path_rho = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(cfg.dropout))
@@ -222,10 +229,23 @@ class Mica(nn.Module):
         a = head(tokens).transpose(0, 1)  # [1, T]
         return rho(a.softmax(dim=1) @ tokens)[0], a
 
-    def forward(self, h_path: torch.Tensor, h_codex: torch.Tensor) -> MicaOutput:
-        p = self.wsi_net(h_path)  # [N, d]
-        c = self.codex_net(h_codex)  # [40, d]
-        p_co, scores = self.coattn(c, p, p)  # [40, d], [1, 40, N]
+    def codex_query(self, h_codex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CODEX tokens c [40, d] and the co-attention queries, already scaled by 1/sqrt(d)."""
+        c = self.codex_net(h_codex)
+        wq, bq = self.coattn.in_proj_weight.chunk(3)[0], self.coattn.in_proj_bias.chunk(3)[0]
+        return c, F.linear(c, wq, bq) * c.shape[-1] ** -0.5
+
+    def tile_keys_values(self, h_path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Co-attention keys and values [N, d] of the H&E tiles (each tile on its own)."""
+        p = self.wsi_net(h_path)
+        _, wk, wv = self.coattn.in_proj_weight.chunk(3)
+        _, bk, bv = self.coattn.in_proj_bias.chunk(3)
+        return F.linear(p, wk, bk), F.linear(p, wv, bv)
+
+    def head(self, c: torch.Tensor, attended: torch.Tensor):
+        """From the CODEX tokens and the co-attention's softmax-weighted values [40, d]
+        to (hazards, survival, risk, path_attention, codex_attention)."""
+        p_co = self.coattn.out_proj(attended)
         h_p, a_p = self._pool(self.path_transformer(p_co), self.path_attention_head, self.path_rho)
         h_c, a_c = self._pool(self.codex_transformer(c), self.codex_attention_head, self.codex_rho)
         if self.cfg.fusion == "concat":
@@ -234,7 +254,54 @@ class Mica(nn.Module):
             h = self.mm(h_p.unsqueeze(0), h_c.unsqueeze(0))[0]
         logits = self.classifier(h).unsqueeze(0)  # [1, n_classes]
         hazards = torch.sigmoid(logits)
-        survival = torch.cumprod(1 - hazards, dim=1)
-        risk = -survival.sum(dim=1)
-        scores = scores[0]
+        survival = survival_curve(hazards)
+        return hazards, survival, -survival.sum(dim=1), a_p, a_c
+
+    def forward(self, h_path: torch.Tensor, h_codex: torch.Tensor) -> MicaOutput:
+        c, q = self.codex_query(h_codex)
+        k, v = self.tile_keys_values(h_path)
+        scores = q @ k.transpose(0, 1)  # [40, N]
+        hazards, survival, risk, a_p, a_c = self.head(c, scores.softmax(dim=-1) @ v)
         return MicaOutput(hazards, survival, risk, scores.softmax(dim=-1), scores, a_p, a_c)
+
+    def forward_chunk(self, h_path: torch.Tensor, h_codex: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor):
+        """One chunk of a slide's tiles, carrying the co-attention's softmax as a running state.
+
+        lse [40]: log-sum-exp of the scores seen so far (INITIAL_LSE before the first chunk);
+        mean [40, d]: softmax-weighted mean of their values (zeros before the first chunk).
+        Returns (hazards, survival, risk, scores [40, n], lse, mean): after the last chunk the
+        first three are forward()'s, and exp(scores - lse) are its coattn columns."""
+        c, q = self.codex_query(h_codex)
+        k, v = self.tile_keys_values(h_path)
+        scores = q @ k.transpose(0, 1)  # [40, n]
+        lse, mean = self.accumulate(scores, v, lse, mean)
+        hazards, survival, risk, _, _ = self.head(c, mean)
+        return hazards, survival, risk, scores, lse, mean
+
+
+INITIAL_LSE = -1e30  # log-sum-exp before any tile: finite, so no inf - inf anywhere
+
+
+class OnlineSoftmax(nn.Module):
+    """softmax(scores) @ values over tiles that arrive in chunks (Milakov & Gimelshein's online softmax).
+
+    The state is scale-free (a log-sum-exp and a weighted mean), so it neither overflows with the
+    tile count nor depends on the chunking beyond rounding."""
+
+    def forward(self, scores: torch.Tensor, values: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor):
+        top = torch.maximum(lse, scores.max(dim=1).values)  # [40]
+        old = torch.exp(lse - top)  # weight of the tiles before this chunk, relative to exp(top)
+        e = torch.exp(scores - top[:, None])  # [40, n]
+        total = old + e.sum(dim=1)
+        mean = (mean * old[:, None] + e @ values) / total[:, None]
+        return top + torch.log(total), mean
+
+
+def survival_curve(hazards: torch.Tensor) -> torch.Tensor:
+    """S = cumprod(1 - hazards) along the classes, written as a product chain: ONNX has no CumProd;
+    the classes are few and the multiplications happen in cumprod's order, so the values are the same."""
+    keep = 1 - hazards
+    columns = [keep[:, :1]]
+    for k in range(1, keep.shape[1]):
+        columns.append(columns[-1] * keep[:, k:k + 1])
+    return torch.cat(columns, dim=1)

@@ -13,14 +13,20 @@ channel-first, any gh/gw up to 4095) → float16 rounding, 8-bit quantisation,
 Pillow-exact bicubic resize to 224 (codex_preprocess.py), ImageNet mean/std
 → DINOv2 ViT-S/14-reg4 → `features` float32 [40, 384] (CLS after the final norm).
 
-MICA graph: `h_path` float32 [N, 1024] (dynamic N), `h_codex` float32
-[40, 384] → `hazards` [1, 4], `survival` [1, 4], `risk` [1], `coattn` [40, N].
+MICA graph, one chunk of a slide's tiles at a time (Mica.forward_chunk):
+`h_path` float32 [n, 1024] (dynamic n), `h_codex` float32 [40, 384],
+`coattn_lse_in` [40], `coattn_mean_in` [40, 256] (the online softmax's state;
+mica.INITIAL_LSE and zeros before the first chunk) → `hazards` [1, 4],
+`survival` [1, 4], `risk` [1], `coattn_scores` [40, n], `coattn_lse` [40],
+`coattn_mean` [40, 256]. The runtime feeds each chunk the previous chunk's
+state; the last chunk's hazards/survival/risk are the slide's, and
+exp(coattn_scores - coattn_lse) the co-attention weights (hexfast.mica_stream).
 
 fp16 variants (`convert_fp16`): every float tensor except the graph inputs and
-outputs and the `/preprocess/` block becomes float16 (ONNX Runtime's float16
+outputs, the `/preprocess/` block and MICA's `/accumulate/` (online softmax) becomes float16 (ONNX Runtime's float16
 converter, keep_io_types), so a runtime feeds the same arrays to either file;
 the preprocessing stays float32 because the exact resize needs integer sums
-up to 2^24.
+up to 2^24, the online softmax because its sums grow with the chunk size.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ INPUT_NAME = "tiles"
 OUTPUT_NAMES = ("markers", "embedding")
 CODEX_INPUT_NAME = "codex"
 CODEX_OUTPUT_NAMES = ("features",)
-MICA_INPUT_NAMES = ("h_path", "h_codex")
-MICA_OUTPUT_NAMES = ("hazards", "survival", "risk", "coattn")
-FP32_BLOCK_PREFIX = "/preprocess/"  # node-name prefix of the in-graph preprocessing (kept float32 in fp16 files)
+MICA_INPUT_NAMES = ("h_path", "h_codex", "coattn_lse_in", "coattn_mean_in")
+MICA_OUTPUT_NAMES = ("hazards", "survival", "risk", "coattn_scores", "coattn_lse", "coattn_mean")
+# node-name prefixes kept float32 in fp16 files: the in-graph preprocessing, MICA's online softmax
+FP32_BLOCK_PREFIX = ("/preprocess/", "/accumulate/")
 
 
 class HexGraph(nn.Module):
@@ -78,22 +85,15 @@ class CodexGraph(nn.Module):
 
 
 class MicaGraph(nn.Module):
-    """(h_path [N,1024], h_codex [40,384]) → (hazards [1,4], survival [1,4], risk [1], coattn [40,N])."""
+    """One chunk: (h_path [n,1024], h_codex [40,384], coattn_lse_in [40], coattn_mean_in [40,256])
+    → (hazards [1,4], survival [1,4], risk [1], coattn_scores [40,n], coattn_lse [40], coattn_mean [40,256])."""
 
     def __init__(self, mica: Mica):
         super().__init__()
         self.mica = mica
 
-    def forward(self, h_path: torch.Tensor, h_codex: torch.Tensor):
-        out = self.mica(h_path, h_codex)
-        # survival = cumprod(1 - hazards) written as a product chain: ONNX has no CumProd; the classes are few
-        # and the multiplications happen in the same order, so the values are the same.
-        keep = 1 - out.hazards
-        columns = [keep[:, :1]]
-        for k in range(1, keep.shape[1]):
-            columns.append(columns[-1] * keep[:, k:k + 1])
-        survival = torch.cat(columns, dim=1)
-        return out.hazards, survival, -survival.sum(dim=1), out.coattn
+    def forward(self, h_path: torch.Tensor, h_codex: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor):
+        return self.mica.forward_chunk(h_path, h_codex, lse, mean)
 
 
 def _export(graph: nn.Module, example: tuple, path: Path, inputs, outputs, axes: dict, opset: int) -> None:
@@ -133,16 +133,18 @@ def export_codex_onnx(encoder: nn.Module, path: str | os.PathLike, *, quantisati
 
 
 def export_mica_onnx(mica: Mica, path: str | os.PathLike, *, channels: int = 40, opset: int = OPSET) -> Path:
-    """Write MICA (dynamic number of tiles N) to `path`; returns the path."""
+    """Write MICA's chunk step (dynamic number of tiles n) to `path`; returns the path."""
     path = Path(path)
     graph = MicaGraph(mica).eval().float()
     cfg = mica.cfg
     gen = torch.Generator().manual_seed(0)
-    example = (torch.randn(7, cfg.path_dim, generator=gen), torch.randn(channels, cfg.codex_dim, generator=gen))
-    axes = {"h_path": {0: "tiles"}, "coattn": {1: "tiles"}}
+    example = (torch.randn(7, cfg.path_dim, generator=gen), torch.randn(channels, cfg.codex_dim, generator=gen),
+               torch.randn(channels, generator=gen), torch.randn(channels, cfg.dim, generator=gen))
+    axes = {"h_path": {0: "tiles"}, "coattn_scores": {1: "tiles"}}
     _export(graph, example, path, MICA_INPUT_NAMES, MICA_OUTPUT_NAMES, axes, opset)
     _set_dims(path, {"hazards": {0: 1, 1: cfg.n_classes}, "survival": {0: 1, 1: cfg.n_classes}, "risk": {0: 1},
-                     "coattn": {0: channels}})
+                     "coattn_scores": {0: channels}, "coattn_lse": {0: channels},
+                     "coattn_mean": {0: channels, 1: cfg.dim}})
     return path
 
 
@@ -159,9 +161,10 @@ def _set_dims(path: Path, dims: dict[str, dict[int, int]]) -> None:
     onnx.save(proto, str(path))
 
 
-def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *, keep_fp32_prefix: str = FP32_BLOCK_PREFIX) -> Path:
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, *,
+                 keep_fp32_prefix: str | tuple[str, ...] = FP32_BLOCK_PREFIX) -> Path:
     """fp16 copy of an fp32 ONNX file: inputs/outputs keep their types (cast in-graph), nodes whose name
-    starts with `keep_fp32_prefix` (the preprocessing) stay float32 (see fp16.py)."""
+    starts with `keep_fp32_prefix` (the preprocessing, the online softmax) stay float32 (see fp16.py)."""
     from .fp16 import convert_fp16_regions
 
     return convert_fp16_regions(src, dst, keep_prefix=keep_fp32_prefix)
@@ -205,14 +208,25 @@ def codex_parity(encoder: nn.Module, session, codex: np.ndarray, quantisation: s
     return compare(CODEX_OUTPUT_NAMES, [ref], got)
 
 
-def mica_parity(mica: Mica, session, h_path: np.ndarray, h_codex: np.ndarray) -> dict[str, dict[str, float]]:
-    """ONNX Runtime vs torch on one slide's bags."""
+def mica_parity(mica: Mica, session, h_path: np.ndarray, h_codex: np.ndarray, chunk: int = 300
+                ) -> dict[str, dict[str, float]]:
+    """The ONNX chunk graph streamed over one slide's bag (hexfast.mica_stream) vs torch's
+    whole-bag Mica.forward: hazards, survival, risk and the co-attention weights [40, N]."""
+    from hexfast.mica_stream import stream_mica
+
     h_path = np.ascontiguousarray(h_path, dtype=np.float32)
     h_codex = np.ascontiguousarray(h_codex, dtype=np.float32)
     with torch.no_grad():
-        ref = MicaGraph(mica).eval()(torch.from_numpy(h_path), torch.from_numpy(h_codex))
-    got = session.run(list(MICA_OUTPUT_NAMES), {"h_path": h_path, "h_codex": h_codex})
-    return compare(MICA_OUTPUT_NAMES, ref, got)
+        ref = mica(torch.from_numpy(h_path), torch.from_numpy(h_codex))
+    names = list(MICA_OUTPUT_NAMES)
+
+    def run(feeds):
+        return dict(zip(names, session.run(names, feeds)))
+
+    chunks = lambda: (h_path[i:i + chunk] for i in range(0, len(h_path), chunk))  # noqa: E731
+    got = stream_mica(run, h_codex, chunks, state_width=mica.cfg.dim, keep_attention=True)
+    return compare(("hazards", "survival", "risk", "coattn"), (ref.hazards, ref.survival, ref.risk, ref.coattn),
+                   (got.hazards, got.survival, got.risk, got.attention))
 
 
 def worst(*figures: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -10,9 +10,9 @@ of every file the manifest lists; every problem is a one-line `BundleError`
 (a `HexfastError`) naming the file. Files the manifest does not list are
 ignored, as is `engines/` (plans are built later, on the target GPU).
 
-Manifest (schema 1):
+Manifest (schema 2):
 
-    schema: 1, demo: bool, exporter: "hexfast_export <version>", created: ISO UTC,
+    schema: 2, demo: bool, exporter: "hexfast_export <version>", created: ISO UTC,
     markers: [40 names], tile: {"um": 56.0, "px_at_40x": 224},
     input_normalisation: text,
     models: {name: {files: {precision: file}, inputs: {tensor: {dtype, shape}},
@@ -34,7 +34,7 @@ from typing import Any
 
 from .errors import HexfastError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: MICA's graph is a chunk step with an online-softmax state (schema 1: all tiles at once)
 MANIFEST = "manifest.json"
 MODEL_NAMES = ("hex", "codex_encoder", "mica")
 PRECISIONS = ("fp32", "fp16")
@@ -147,6 +147,9 @@ def _validate(manifest: Any, where: Path) -> None:
     if schema != SCHEMA:
         if isinstance(schema, int) and schema > SCHEMA:
             _fail_manifest(where, f"schema {schema} is newer than this hexfast reads ({SCHEMA}); upgrade hexfast")
+        if schema == 1:
+            _fail_manifest(where, "schema 1 was written by an older hexfast (its MICA graph takes all tiles at once); "
+                                  "export the bundle again with this hexfast's `hexfast export`")
         _fail_manifest(where, f"unsupported schema {schema!r} (expected {SCHEMA})")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:

@@ -17,7 +17,8 @@ Optimisation profiles:
   the TileStream's resize to 384 or need those sizes added (--tile-sizes).
   A runtime selects the profile whose tile size matches its batch.
 * codex_encoder: codex [40, 1..4095, 1..4095], opt 64x64.
-* mica: h_path [1..262144, 1024], opt 4096; h_codex fixed [40, 384].
+* mica: h_path [1..4096, 1024] (a chunk of tiles), opt 4096; h_codex [40, 384], coattn_lse_in [40],
+  coattn_mean_in [40, 256] fixed.
 
 Precision:
 * fp32: the fp32 ONNX, TF32 off.
@@ -49,7 +50,7 @@ KEEP_FP32_PREFIX = "/preprocess/"
 TIMING_CACHE = "timing.cache"
 CODEX_MAX_GRID = 4095
 CODEX_OPT_GRID = 64
-MICA_MAX_TILES = 262144
+MICA_MAX_TILES = 4096  # mica_stream.CHUNK_TILES: the runtime feeds MICA chunks of at most this many tiles
 MICA_OPT_TILES = 4096
 
 
@@ -121,9 +122,10 @@ def profiles_for(model: str, inputs: dict, *, max_batch: int, tile_sizes: list[i
                                       "max": [c, CODEX_MAX_GRID, CODEX_MAX_GRID]}}}]
     if model == "mica":
         d = inputs["h_path"]["shape"][1]
-        codex = inputs["h_codex"]["shape"]
+        fixed = {name: {"min": inputs[name]["shape"], "opt": inputs[name]["shape"], "max": inputs[name]["shape"]}
+                 for name in ("h_codex", "coattn_lse_in", "coattn_mean_in")}
         return [{"shapes": {"h_path": {"min": [1, d], "opt": [MICA_OPT_TILES, d], "max": [MICA_MAX_TILES, d]},
-                            "h_codex": {"min": codex, "opt": codex, "max": codex}}}]
+                            **fixed}}]
     raise EngineBuildError(f"no engine profile for model '{model}'")
 
 

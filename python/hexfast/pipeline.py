@@ -56,7 +56,7 @@ class SlideResult:
     demo: bool
     features: np.ndarray | None = None  # (N, 1024) when kept in memory (no output directory)
     codex_grid: np.ndarray | None = None  # (gh, gw, 40)
-    mica: dict | None = None            # hazards, survival, risk, coattn
+    mica: dict | None = None            # report.mica_summary: hazards, survival, risk, most_attended tiles
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     skipped: list = field(default_factory=list)
@@ -262,6 +262,8 @@ class Scorer:
 
     def _run_slide_models(self, result: SlideResult, level0_size: tuple[int, int], writer) -> None:
         from .codex_grid import codex_encoder_input, virtual_codex
+        from .mica_stream import CHUNK_TILES, stream_mica
+        from .report import mica_summary
 
         start = time.perf_counter()
         # One cell per stride (finer with overlapping tiles), as the OME-TIFF shows it.
@@ -273,9 +275,14 @@ class Scorer:
         # The encoder sees the reference's grid: whole slide from (0, 0), one cell per tile size.
         codex = codex_encoder_input(result.coords, result.markers, result.tile_size, level0_size)
         codex_features = self.codex_encoder.run({"codex": np.ascontiguousarray(codex, np.float32)})["features"]
-        features = result.features if writer is None else writer.features()
-        out = self.mica.run({"h_path": np.asarray(features, np.float32), "h_codex": codex_features})
-        result.mica = {name: np.asarray(value) for name, value in out.items()}
+        if writer is None:  # features already in memory (no output directory)
+            chunks = lambda: (result.features[i:i + CHUNK_TILES] for i in range(0, len(result.features), CHUNK_TILES))  # noqa: E731
+        else:  # read back from the h5 a chunk at a time: memory independent of the tile count
+            chunks = lambda: writer.feature_chunks(CHUNK_TILES)  # noqa: E731
+        state_width = self.bundle.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
+        out = stream_mica(self.mica.run, codex_features, chunks, state_width=state_width)
+        result.mica = mica_summary(out.hazards, out.survival, out.risk, coords=result.coords,
+                                   marker_names=result.marker_names, ranking=out.ranking)
         result.seconds["codex encoder+mica"] = time.perf_counter() - start
 
 

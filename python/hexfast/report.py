@@ -12,6 +12,7 @@ import numpy as np
 
 from . import __version__
 from .markers import MARKERS
+from .mica_stream import AttentionRanking
 from .outputs import writing_file
 from .slide import Slide
 from .tiling import TileGrid
@@ -84,16 +85,6 @@ def bundle_provenance(bundle_hash: str | None, manifest: Mapping | None = None) 
     return out
 
 
-def top_tiles(scores: np.ndarray, coords: np.ndarray, k: int) -> list[dict]:
-    """The k highest-scoring tiles, best first, with their level-0 top-left."""
-    k = min(k, len(scores))
-    order = np.argsort(-scores, kind="stable")[:k]
-    return [
-        {"tile": int(i), "x": int(coords[i, 0]), "y": int(coords[i, 1]), "attention": float(scores[i])}
-        for i in order
-    ]
-
-
 def mica_summary(
     hazards,
     survival,
@@ -102,8 +93,11 @@ def mica_summary(
     coords: np.ndarray | None = None,
     marker_names: Sequence[str] = MARKERS,
     top_k: int = 10,
+    *,
+    ranking: AttentionRanking | None = None,
 ) -> dict:
-    """MICA's outputs for the report. coattention [C, N]: how much each marker's
+    """MICA's outputs for the report. The most-attended tiles come from `ranking` (kept while
+    streaming, hexfast.mica_stream) or from a whole coattention [C, N]: how much each marker's
     token attended to each tile; 'overall' ranks tiles by the mean over markers."""
     out = {
         "hazards": np.asarray(hazards, np.float64).reshape(-1).tolist(),
@@ -112,14 +106,25 @@ def mica_summary(
     }
     if coattention is not None:
         att = np.asarray(coattention, np.float64)
+        if att.ndim != 2 or att.shape != (len(marker_names), len(np.asarray(coords).reshape(-1, 2))):
+            raise ValueError(f"coattention must be ({len(marker_names)}, {len(np.asarray(coords).reshape(-1, 2))}), "
+                             f"got {att.shape}")
+        ranking = AttentionRanking(len(marker_names), top_k)
+        ranking.add(att)
+    if ranking is not None:
         coords = np.asarray(coords, np.int64).reshape(-1, 2)
-        if att.ndim != 2 or att.shape != (len(marker_names), len(coords)):
-            raise ValueError(f"coattention must be ({len(marker_names)}, {len(coords)}), got {att.shape}")
+        if ranking.seen != len(coords):
+            raise ValueError(f"the attention ranking saw {ranking.seen} tiles, not {len(coords)}")
+
+        def listed(tiles, weights):
+            return [{"tile": int(i), "x": int(coords[i, 0]), "y": int(coords[i, 1]), "attention": float(w)}
+                    for i, w in zip(tiles, weights)]
+
         out["most_attended"] = {
-            "top_k": min(top_k, len(coords)),
+            "top_k": min(ranking.k, len(coords)),
             "coords": "level-0 top-left (x, y) of each tile",
-            "overall": top_tiles(att.mean(axis=0), coords, top_k),
-            "per_marker": {m: top_tiles(att[i], coords, top_k) for i, m in enumerate(marker_names)},
+            "overall": listed(*ranking.overall()),
+            "per_marker": {m: listed(*ranking.row(i)) for i, m in enumerate(marker_names)},
         }
     return out
 
@@ -127,8 +132,8 @@ def mica_summary(
 def mica_from_outputs(
     outputs: Mapping, coords: np.ndarray, marker_names: Sequence[str] = MARKERS, top_k: int = 10
 ) -> dict:
-    """mica_summary from the MICA engine's outputs (hazards [1,4], survival [1,4], risk [1],
-    coattn [40,N]); a dict mica_summary already made passes through."""
+    """mica_summary from MICA's outputs (hazards [1,4], survival [1,4], risk [1], coattn [40,N]);
+    a dict mica_summary already made passes through."""
     if "most_attended" in outputs:
         return dict(outputs)
     att = outputs.get("coattn", outputs.get("coattention"))

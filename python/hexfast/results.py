@@ -14,7 +14,7 @@ The pipeline streams into a SlideWriter:
 
     writer = SlideWriter(OUT, slide, grid, bundle, backend)
     for coords, markers, features in batches: writer.append(coords, markers, features)
-    writer.features()            # read back from disk, e.g. for MICA
+    writer.feature_chunks(4096)  # read back from disk in chunks, e.g. for MICA
     writer.finish(result)        # -> {"h5": path, "ome_tiff": ..., "overview": ..., "report": ...}
     (writer.abort() on failure: drops the partial h5; no report.json, so not complete)
 """
@@ -25,7 +25,7 @@ import contextlib
 import datetime as dt
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,9 +109,10 @@ class SlideWriter:
     def append(self, coords: np.ndarray, markers: np.ndarray, features: np.ndarray | None = None) -> None:
         self._h5.append(coords, markers, features)
 
-    def features(self) -> np.ndarray:
-        """All features written so far (N, D), read back from the h5."""
-        return self._h5.read("features")
+    def feature_chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """The features written so far, read back from the h5 `rows` tiles at a time (for MICA)."""
+        for start in range(0, len(self._h5), rows):
+            yield self._h5.read("features", start, start + rows)
 
     def finish(
         self,

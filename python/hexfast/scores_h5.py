@@ -117,13 +117,14 @@ class ScoresH5:
             self._pending = {}
             self._written = n1
 
-    def read(self, name: str) -> np.ndarray:
-        """A dataset as written so far (features for MICA, markers for the grid)."""
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a dataset as written so far (all of them by default)."""
         if name not in self._f:
             raise KeyError(f"{self.path}: no {name!r} dataset (features_dim=None?)")
         self._flush()
+        stop = self._n if stop is None else min(stop, self._n)
         try:
-            return self._f[name][: self._n]
+            return self._f[name][start:stop]
         except OSError as e:
             raise OutputError(self.path, f"cannot read back {name}: {_one_line(e)}") from e
 
