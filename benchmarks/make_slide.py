@@ -1,7 +1,7 @@
 """Write a large pyramidal Aperio-style SVS for benchmarks.
 
-Tiled JPEG (240-px tiles, like Aperio), an Aperio ImageDescription with MPP and
-AppMag, levels at downsample 1, 4, 16, 64. Tissue islands on white glass so
+Tiled JPEG (240-px tiles, like Aperio; `--encoding aperio` for Aperio's RGB 4:4:4
+JPEGs, default YCbCr 4:2:0), an Aperio ImageDescription with MPP and AppMag, levels at downsample 1, 4, 16, 64. Tissue islands on white glass so
 tissue detection matters; the tissue texture is cut from a real H&E slide.
 
     python benchmarks/make_slide.py --texture ../shared/data/slides/CMU-1-Small-Region.svs \
@@ -30,9 +30,15 @@ TILE = 240
 BACKGROUND = 242
 
 
-def jpeg(tile: np.ndarray, quality: int) -> bytes:
+# How level-0 tiles are JPEG-encoded. "jfif": Pillow's default (YCbCr, 4:2:0 chroma subsampling, a JFIF
+# marker). "aperio": what Aperio scanners write (CMU-1 checked): the RGB components themselves, no
+# subsampling (4:4:4), no colour transform; about twice the coefficients to decode per tile.
+ENCODINGS = {"jfif": {}, "aperio": {"subsampling": 0, "keep_rgb": True}}
+
+
+def jpeg(tile: np.ndarray, quality: int, encoding: str = "jfif") -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(tile).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(tile).save(buf, format="JPEG", quality=quality, **ENCODINGS[encoding])
     return buf.getvalue()
 
 
@@ -82,6 +88,9 @@ def main(argv=None) -> None:
     ap.add_argument("--mpp", type=float, default=0.25)
     ap.add_argument("--tissue", type=float, default=0.3, help="fraction of the glass covered by tissue")
     ap.add_argument("--quality", type=int, default=80)
+    ap.add_argument("--encoding", choices=sorted(ENCODINGS), default="jfif",
+                    help="level-0 JPEG tiles: jfif = YCbCr 4:2:0 (Pillow's default), aperio = RGB 4:4:4 as Aperio "
+                         "scanners write (heavier to decode)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -91,8 +100,8 @@ def main(argv=None) -> None:
     islands = island_map(tx_n, ty_n, args.tissue, args.seed)
     rng = np.random.default_rng(args.seed)
     glass = (BACKGROUND + rng.integers(-2, 3, (TILE, TILE, 3))).astype(np.uint8)
-    bank_jpeg = [jpeg(t, args.quality) for t in bank]
-    glass_jpeg = jpeg(glass, args.quality)
+    bank_jpeg = [jpeg(t, args.quality, args.encoding) for t in bank]
+    glass_jpeg = jpeg(glass, args.quality, args.encoding)
 
     def level0_tiles():
         for ty in range(ty_n):
@@ -126,7 +135,8 @@ def main(argv=None) -> None:
     level3 = np.asarray(Image.fromarray(level2).reduce(4))
     w, h = args.width, args.height
     desc = (
-        f"Aperio Image Library v12.0.0 \r\n{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) JPEG/RGB Q={args.quality}"
+        f"Aperio Image Library v12.0.0 \r\n{w}x{h} [0,0 {w}x{h}] ({TILE}x{TILE}) "
+        f"JPEG/{'RGB' if args.encoding == 'aperio' else 'YCC'} Q={args.quality}"
         f"|AppMag = {round(10 / args.mpp)}|MPP = {args.mpp:.4f}|Filename = {args.out.stem}|hexfast synthetic slide"
     )
     tmp = args.out.with_name(f".{args.out.name}.tmp")
@@ -136,6 +146,9 @@ def main(argv=None) -> None:
         tw.write(level1_tiles(), shape=(math.ceil(h / 4), math.ceil(w / 4), 3), description=desc, **common)
         tw.write(level2, description=desc, **common)
         tw.write(level3, description=desc, **common)
+    if args.encoding == "aperio":  # tifffile tags JPEG as YCbCr; level 0's pre-encoded tiles are RGB, as Aperio's
+        with tifffile.TiffFile(tmp, mode="r+") as tif:
+            tif.pages[0].tags["PhotometricInterpretation"].overwrite(2)
     tmp.replace(args.out)
     size = args.out.stat().st_size
     print(

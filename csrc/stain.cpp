@@ -241,18 +241,34 @@ MacenkoApplier::MacenkoApplier(const StainMatrix& source, const StainMatrix& tar
 
 void MacenkoApplier::operator()(const uint8_t* src, uint8_t* dst, size_t n) const noexcept {
     // Clip then truncate, as torchstain's Inorm[Inorm > 255] = 255; astype(np.uint8).
-#if defined(__SSE2__)
+    // src may equal dst (the stream normalises in place).
+#if defined(__SSE2__) && defined(__x86_64__)
     const __m128 zero = _mm_setzero_ps(), top = _mm_set1_ps(255.0f);
-    alignas(16) int32_t out[4];
-    for (size_t i = 0; i < n; ++i) {
+    auto level = [&](size_t i) {  // [r, g, b, 0] as int32
         const __m128 a = _mm_load_ps(table_[0][src[3 * i]]);
         const __m128 b = _mm_load_ps(table_[1][src[3 * i + 1]]);
         const __m128 d = _mm_load_ps(table_[2][src[3 * i + 2]]);
-        const __m128 x = _mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_mul_ps(a, b), d), zero), top);  // max: NaN -> 0
-        _mm_store_si128(reinterpret_cast<__m128i*>(out), _mm_cvttps_epi32(x));
-        dst[3 * i] = static_cast<uint8_t>(out[0]);
-        dst[3 * i + 1] = static_cast<uint8_t>(out[1]);
-        dst[3 * i + 2] = static_cast<uint8_t>(out[2]);
+        return _mm_cvttps_epi32(_mm_min_ps(_mm_max_ps(_mm_mul_ps(_mm_mul_ps(a, b), d), zero), top));  // max: NaN -> 0
+    };
+    size_t i = 0;
+    // Four pixels at a time: their levels packed to bytes [r g b 0] x 4, the
+    // zero bytes squeezed out in two 64-bit registers, then 12 bytes stored
+    // (all four pixels are read before any is written, so in place is safe).
+    for (; i + 4 <= n; i += 4) {
+        const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(level(i), level(i + 1)),
+                                               _mm_packs_epi32(level(i + 2), level(i + 3)));
+        const auto rgb6 = [](uint64_t v) { return (v & 0xFFFFFFu) | ((v >> 8) & 0xFFFFFF000000u); };
+        const uint64_t p01 = rgb6(static_cast<uint64_t>(_mm_cvtsi128_si64(bytes)));
+        const uint64_t p23 = rgb6(static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_unpackhi_epi64(bytes, bytes))));
+        const uint64_t first = p01 | (p23 << 48);
+        const uint32_t second = static_cast<uint32_t>(p23 >> 16);
+        std::memcpy(dst + 3 * i, &first, 8);
+        std::memcpy(dst + 3 * i + 8, &second, 4);
+    }
+    for (; i < n; ++i) {
+        alignas(16) int32_t out[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(out), level(i));
+        for (int c = 0; c < 3; ++c) dst[3 * i + c] = static_cast<uint8_t>(out[c]);
     }
 #else
     for (size_t i = 0; i < n; ++i) {

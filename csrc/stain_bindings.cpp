@@ -129,7 +129,7 @@ TileTransform make_stain_transform(const std::string& method, const py::object& 
             to = stain_input(tgt[0], tgt[1], "he_target", "max_c_target");
         }
         auto apply = std::make_shared<const MacenkoApplier>(from, to, io);  // tables built once per slide
-        return [apply](uint8_t* rgb, size_t n) { (*apply)(rgb, rgb, n); };
+        return [apply](const uint8_t* src, uint8_t* dst, size_t n) { (*apply)(src, dst, n); };
     }
     const LabStats from = stats_input(src[0], src[1], "mean_source", "std_source");
     LabStats to = reinhard_reference();
@@ -137,7 +137,7 @@ TileTransform make_stain_transform(const std::string& method, const py::object& 
         const auto tgt = target.cast<py::tuple>();
         to = stats_input(tgt[0], tgt[1], "mean_target", "std_target");
     }
-    return [from, to](uint8_t* rgb, size_t n) { reinhard_apply(rgb, rgb, n, from, to); };
+    return [from, to](const uint8_t* src, uint8_t* dst, size_t n) { reinhard_apply(src, dst, n, from, to); };
 }
 
 void bind_stain(py::module_& m) {

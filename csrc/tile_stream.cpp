@@ -136,8 +136,8 @@ std::string TileStream::read_tile(WorkerState& w, int64_t index, uint8_t* out) {
     const int64_t rs = p_.read_size, x = p_.coords[2 * index], y = p_.coords[2 * index + 1];
     const size_t n = static_cast<size_t>(rs) * rs;
     uint8_t* pixels = resizer_ ? w.rgb.data() : out;
-    if (direct_) {
-        std::string err = direct_->read(*w.jpeg, x, y, rs, pixels);
+    if (direct_) {  // transformed while the rows are copied out of the decoded tiles
+        std::string err = direct_->read(*w.jpeg, x, y, rs, pixels, p_.transform ? &p_.transform : nullptr);
         if (!err.empty()) return err;
     } else {
         try {
@@ -153,8 +153,8 @@ std::string TileStream::read_tile(WorkerState& w, int64_t index, uint8_t* out) {
             return msg;
         }
         argb_to_rgb(w.argb.data(), pixels, n);
+        if (p_.transform) p_.transform(pixels, pixels, n);
     }
-    if (p_.transform) p_.transform(pixels, n);
     if (resizer_) (*resizer_)(pixels, out, w.scratch);
     return {};
 }

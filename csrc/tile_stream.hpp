@@ -24,8 +24,10 @@
 
 namespace hexfast {
 
-// In-place colour transform on RGB pixels, run by the workers (stain normalisation).
-using TileTransform = std::function<void(uint8_t* rgb, size_t n_pixels)>;
+// Colour transform of RGB pixels, run by the workers (stain normalisation);
+// src == dst (in place) is allowed. The direct reader applies it while copying
+// rows out of decoded tiles, so a normalised tile costs no extra pass.
+using TileTransform = std::function<void(const uint8_t* src, uint8_t* dst, size_t n_pixels)>;
 
 struct StreamParams {
     std::string slide_path;

@@ -232,10 +232,11 @@ public:
         }
         jpeg_mem_src(&cinfo_, const_cast<unsigned char*>(data), n);
         jpeg_read_header(&cinfo_, TRUE);
-        // The TIFF's photometric tag, not libjpeg's guess from markers, says
-        // whether the data is YCbCr (Aperio writes RGB JPEGs without markers
-        // that say so), as libtiff and OpenSlide decide.
-        if (!saw_jfif_or_adobe()) cinfo_.jpeg_color_space = ycbcr ? JCS_YCbCr : JCS_RGB;
+        // The TIFF's photometric tag, not libjpeg's guess from JFIF/Adobe
+        // markers or component ids, says whether the data is YCbCr (Aperio
+        // writes RGB JPEGs without markers that say so): OpenSlide follows the
+        // tag even where a marker disagrees (tested), and so does this reader.
+        cinfo_.jpeg_color_space = ycbcr ? JCS_YCbCr : JCS_RGB;
         cinfo_.out_color_space = JCS_RGB;
         jpeg_start_decompress(&cinfo_);
         if (cinfo_.output_width != w || cinfo_.output_height != h || cinfo_.output_components != 3) {
@@ -252,8 +253,19 @@ public:
         return {};
     }
 
+    // This worker's buffer for a stored tile's compressed bytes: grown, never
+    // shrunk or zeroed, so reading a tile costs no allocation.
+    uint8_t* compressed(size_t n) {
+        if (n > compressed_size_) {
+            compressed_.reset(new uint8_t[n]);
+            compressed_size_ = n;
+        }
+        return compressed_.get();
+    }
+
 private:
-    bool saw_jfif_or_adobe() const { return cinfo_.saw_JFIF_marker || cinfo_.saw_Adobe_marker; }
+    std::unique_ptr<uint8_t[]> compressed_;
+    size_t compressed_size_ = 0;
     struct ErrorManager {
         jpeg_error_mgr pub;
         std::jmp_buf jump;
@@ -271,6 +283,7 @@ public:
     std::string decode(const std::vector<uint8_t>&, bool, const uint8_t*, size_t, int64_t, int64_t, uint8_t*) {
         return "hexfast was built without libjpeg";
     }
+    uint8_t* compressed(size_t) { return nullptr; }
 };
 #endif
 
@@ -310,10 +323,10 @@ std::string TiledJpegReader::decode(JpegDecoder& decoder, int64_t key, DecodedTi
     }
     if (offset + n > file_size_ || n > (256u << 20))
         return "stored tile " + std::to_string(key) + " lies beyond the end of the file";
-    std::vector<uint8_t> data(n);
+    uint8_t* data = decoder.compressed(static_cast<size_t>(n));
     FileReader f{fd_};
-    if (!f.read(offset, data.data(), n)) return "cannot read stored tile " + std::to_string(key);
-    std::string err = decoder.decode(layout_.tables, layout_.ycbcr, data.data(), n, layout_.tile_w, layout_.tile_h,
+    if (!f.read(offset, data, n)) return "cannot read stored tile " + std::to_string(key);
+    std::string err = decoder.decode(layout_.tables, layout_.ycbcr, data, n, layout_.tile_w, layout_.tile_h,
                                      pixels->data.get());
     if (!err.empty()) return err;
     ++decoded_;
@@ -321,11 +334,14 @@ std::string TiledJpegReader::decode(JpegDecoder& decoder, int64_t key, DecodedTi
     return {};
 }
 
-std::string TiledJpegReader::read(JpegDecoder& decoder, int64_t x, int64_t y, int64_t size, uint8_t* rgb) {
+std::string TiledJpegReader::read(JpegDecoder& decoder, int64_t x, int64_t y, int64_t size, uint8_t* rgb,
+                                  const std::function<void(const uint8_t*, uint8_t*, size_t)>* transform) {
     const int64_t x0 = std::max<int64_t>(x, 0), y0 = std::max<int64_t>(y, 0);
     const int64_t x1 = std::min(x + size, layout_.width), y1 = std::min(y + size, layout_.height);
-    if (x0 > x || y0 > y || x1 < x + size || y1 < y + size)
-        std::memset(rgb, 0, static_cast<size_t>(size * size * 3));
+    const bool edge = x0 > x || y0 > y || x1 < x + size || y1 < y + size;
+    if (edge) std::memset(rgb, 0, static_cast<size_t>(size * size * 3));
+    // Edge tiles are rare: their black border is transformed too, in place at the end.
+    const bool per_row = transform != nullptr && !edge;
     const int64_t tw = layout_.tile_w, th = layout_.tile_h;
     for (int64_t ty = y0 / th; ty * th < y1; ++ty) {
         for (int64_t tx = x0 / tw; tx * tw < x1; ++tx) {
@@ -335,12 +351,16 @@ std::string TiledJpegReader::read(JpegDecoder& decoder, int64_t x, int64_t y, in
             // The part of the region inside this stored tile and the image.
             const int64_t cx0 = std::max(x0, tx * tw), cx1 = std::min(x1, (tx + 1) * tw);
             const int64_t cy0 = std::max(y0, ty * th), cy1 = std::min(y1, (ty + 1) * th);
-            const size_t row_bytes = static_cast<size_t>(cx1 - cx0) * 3;
-            for (int64_t r = cy0; r < cy1; ++r)
-                std::memcpy(rgb + ((r - y) * size + (cx0 - x)) * 3, t->data.get() + ((r - ty * th) * tw + (cx0 - tx * tw)) * 3,
-                            row_bytes);
+            const size_t row_pixels = static_cast<size_t>(cx1 - cx0);
+            for (int64_t r = cy0; r < cy1; ++r) {
+                uint8_t* dst = rgb + ((r - y) * size + (cx0 - x)) * 3;
+                const uint8_t* src = t->data.get() + ((r - ty * th) * tw + (cx0 - tx * tw)) * 3;
+                if (per_row) (*transform)(src, dst, row_pixels);
+                else std::memcpy(dst, src, row_pixels * 3);
+            }
         }
     }
+    if (transform != nullptr && edge) (*transform)(rgb, rgb, static_cast<size_t>(size * size));
     return {};
 }
 

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -85,8 +86,10 @@ public:
 
     // Level-0 region (x, y, size x size) into rgb (size^2 x 3). Pixels beyond
     // the image are black, as OpenSlide's transparent edge after RGB
-    // conversion. Returns an error message, empty on success.
-    std::string read(JpegDecoder& decoder, int64_t x, int64_t y, int64_t size, uint8_t* rgb);
+    // conversion. With a transform, rgb gets the transformed pixels (applied
+    // as rows are copied). Returns an error message, empty on success.
+    std::string read(JpegDecoder& decoder, int64_t x, int64_t y, int64_t size, uint8_t* rgb,
+                     const std::function<void(const uint8_t*, uint8_t*, size_t)>* transform = nullptr);
     static std::shared_ptr<JpegDecoder> make_decoder();
     size_t decoded() const { return decoded_.load(); }  // stored tiles decoded so far (cache misses)  // shared_ptr: JpegDecoder stays opaque here
 

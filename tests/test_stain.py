@@ -219,6 +219,24 @@ def test_macenko_apply_never_fails_on_any_input():
             assert out.dtype == np.uint8 and out.shape == img.shape
 
 
+def test_macenko_apply_is_per_pixel_whatever_the_length():
+    """Pixels go four at a time with a one-by-one tail: any length, any offset, same values, and the
+    same as float64 arithmetic with the same tables' formula within one grey level."""
+    rng = np.random.default_rng(11)
+    row = rng.integers(0, 256, (1, 23, 3), dtype=np.uint8)
+    he, max_c = _core.macenko_estimate(rng.normal([150, 80, 140], 30, (64, 64, 3)).clip(0, 255).astype(np.uint8))
+    full = _core.macenko_apply(row, he, max_c)
+    for start in range(4):
+        for stop in range(start + 1, 24):
+            np.testing.assert_array_equal(_core.macenko_apply(row[:, start:stop].copy(), he, max_c),
+                                          full[:, start:stop])
+    ref_he, ref_max = _core.macenko_reference()
+    od = -np.log((row.reshape(-1, 3).astype(np.float64) + 1) / 240)
+    conc = np.linalg.pinv(he) @ od.T * (ref_max / max_c)[:, None]
+    want = np.clip(240 * np.exp(-ref_he @ conc), 0, 255).T.astype(np.uint8)
+    assert np.abs(full.reshape(-1, 3).astype(int) - want).max() <= 1
+
+
 def test_macenko_matches_torchstain_on_synthetic_extremes():
     # Saturated, dark and near-white pixels mixed into tissue exercise the clip
     # at 255 and the truncation.

@@ -242,6 +242,15 @@ def test_stain_normalisation_in_the_workers_applies_one_slide_estimate(cmu, read
         assert np.abs(got.astype(int) - expected).max() <= 1
     if method == "macenko":  # Reinhard maps glass through the tissue statistics too, by design
         assert np.array(got[-2:]).mean() > 200, "glass tiles must stay bright"
+    # Without a resize the stream's tiles are exactly the normaliser applied to the plain tiles, including
+    # a tile over the slide's corner (black beyond it, normalised like any black pixel); the direct reader
+    # normalises while it copies rows out of the decoded stored tiles.
+    coords = np.concatenate([grid.coords[:40], [[w - 100, h - 100]]])
+    streamed = np.concatenate([np.array(t) for _, t in TileStream(
+        slide, coords, read_size=224, stain_norm=method, stain_source=source, reader=reader, batch_size=16)])
+    raw = np.concatenate([np.array(t) for _, t in TileStream(slide, coords, read_size=224, reader=reader)])
+    assert not raw[-1, -50:, -50:].any()
+    np.testing.assert_array_equal(streamed, np.stack([apply(t, *source) for t in raw]))
 
 
 def test_stain_estimate_comes_from_a_sample_of_the_grid(cmu):
@@ -263,3 +272,32 @@ def test_stain_normalisation_bad_method_and_no_tissue(cmu):
     w, _ = slide.dimensions
     with pytest.raises(hexfast.SlideError, match="cannot estimate the macenko stain"):
         TileStream(slide, np.array([[w - 230, 0]]), read_size=224, stain_norm="macenko")
+
+
+@pytest.mark.parametrize("photometric", [None, "flipped"])
+@pytest.mark.parametrize("encoding", ["jfif", "aperio"])
+def test_benchmark_slides_stream_like_openslide(cmu_small, tmp_path, encoding, photometric):
+    """The benchmark generator's slides (YCbCr 4:2:0 JFIF tiles, or Aperio's RGB 4:4:4 tiles with no
+    colour transform) are read by the direct reader exactly as openslide-python reads them; also with
+    the TIFF's photometric tag contradicting the JPEG markers, where OpenSlide follows the tag."""
+    import tifffile
+
+    if not hexfast._core.HAVE_JPEG:
+        pytest.skip("hexfast._core was built without libjpeg: no direct JPEG reader")
+    out = tmp_path / f"{encoding}.svs"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "make_slide.py")
+    subprocess.run([sys.executable, script, "--texture", str(cmu_small), "--width", "2400", "--height", "1700",
+                    "--tissue", "0.6", "--encoding", encoding, "-o", str(out)], check=True, capture_output=True)
+    with tifffile.TiffFile(out, mode="r+") as tif:
+        tag = tif.pages[0].tags["PhotometricInterpretation"]
+        assert tag.value == (2 if encoding == "aperio" else 6)
+        if photometric == "flipped":
+            tag.overwrite(8 - tag.value)  # RGB <-> YCbCr
+    with hexfast.open_slide(out) as slide:
+        assert slide.vendor == "aperio"
+        coords = np.array([[0, 0], [230, 470], [1000, 1000], [2300, 1600]])  # the last over the corner
+        stream = TileStream(slide, coords, read_size=224, reader="direct")
+        assert stream.reader == "direct"
+        for (xy, tiles) in stream:
+            for p, tile in zip(xy, tiles):
+                np.testing.assert_array_equal(tile, reference_tile(slide, p, 224))

@@ -16,8 +16,9 @@ the stream starts, whatever the slide size:
 
     prefetch x batch_size x (out_size² x 3 + 16) bytes      the ring
     + threads x read_size² x 7 bytes                         per-worker scratch
-    + cache_mb                                               decoded-tile cache (32-512 MB,
-                                                             see default_cache_mb)
+    + cache_mb                                               decoded-tile cache (32-512 MB:
+                                                             three rows of the stored tiles
+                                                             the grid reads, default_cache_mb)
 
 With ``stain_norm="macenko"`` or ``"reinhard"`` the workers normalise each
 tile (before any resize) with one estimate for the whole slide, taken from a
@@ -47,23 +48,47 @@ CACHE_MB_BOUNDS = (32, 512)
 DIRECT_VENDORS = {"aperio", "generic-tiff"}
 
 
-def default_cache_mb(slide: Slide) -> int:
-    """Enough decoded-tile cache for three rows of stored tiles.
+def default_cache_mb(slide: Slide, coords: np.ndarray | None = None, read_size: int | None = None) -> int:
+    """Enough decoded-tile cache for three rows of the stored tiles the grid reads.
 
     Tiles of 224 px straddle the scanner's 240/256-px stored tiles, so each
-    stored row is needed by two consecutive rows of the grid: keeping three
-    stored rows decoded means each stored tile is decoded about once instead
-    of up to four times. Bounded by CACHE_MB_BOUNDS whatever the slide."""
+    stored row is needed by two consecutive rows of the grid: keeping the
+    stored tiles of three consecutive stored rows decoded means each is decoded
+    about once instead of up to four times. Given the grid (`coords`,
+    `read_size`), only stored tiles some grid tile touches count (tissue rarely
+    spans the slide's width), which keeps the cache, and the fresh pages the
+    first pass over it costs, small; without it, three full rows. Bounded by
+    CACHE_MB_BOUNDS whatever the slide."""
     props = slide.properties
     try:
         tw = int(props["openslide.level[0].tile-width"])
         th = int(props["openslide.level[0].tile-height"])
     except (KeyError, ValueError):  # untiled (stripped) file: no stored-tile structure to follow
         tw, th = 256, 256
-    width = slide.dimensions[0]
-    row_bytes = -(-width // tw) * tw * th * 4
+    tile_bytes = tw * th * 4  # OpenSlide caches ARGB; the direct reader's RGB tiles fit with room to spare
+    if coords is None or read_size is None or len(coords) == 0:
+        tiles = 3 * -(-slide.dimensions[0] // tw)
+    else:
+        tiles = _stored_tiles_in_three_rows(np.asarray(coords, np.int64).reshape(-1, 2), int(read_size), tw, th)
+        tiles += 64  # runs of grid tiles in flight in the workers, ahead of the rows they finish
     low, high = CACHE_MB_BOUNDS
-    return int(min(high, max(low, 3 * row_bytes / 2**20)))
+    return int(min(high, max(low, tiles * tile_bytes / 2**20)))
+
+
+def _stored_tiles_in_three_rows(coords: np.ndarray, size: int, tw: int, th: int) -> int:
+    """The most distinct stored tiles the grid touches in any three consecutive stored rows."""
+    x, y = np.maximum(coords[:, 0], 0), np.maximum(coords[:, 1], 0)
+    keys = []
+    for dy in range(-(-size // th) + 1):  # a tile spans at most ceil(size/th) + 1 stored rows
+        rows = y // th + dy
+        rows_ok = rows * th < y + size
+        for dx in range(-(-size // tw) + 1):
+            cols = x // tw + dx
+            ok = rows_ok & (cols * tw < x + size)
+            keys.append(rows[ok] * (1 << 32) + cols[ok])
+    rows = np.unique(np.concatenate(keys)) >> 32
+    per_row = np.bincount(rows - rows.min())
+    return int(np.convolve(per_row, np.ones(3, np.int64), mode="full").max())
 
 
 def openslide_library() -> str:
@@ -101,10 +126,10 @@ class TileStream:
             self.path = opened.path
             self.read_size = int(opened.tile.size if read_size is None else read_size)
             self.out_size = int(out_size or self.read_size)
-            cache_mb = default_cache_mb(opened) if cache_mb is None else cache_mb
             if reader == "auto" and opened.vendor not in DIRECT_VENDORS:
                 reader = "openslide"
             coords = np.ascontiguousarray(coords, dtype=np.int64).reshape(-1, 2)
+            cache_mb = default_cache_mb(opened, coords, self.read_size) if cache_mb is None else cache_mb
             self.stain_norm = stain_norm
             self.stain_source = None
             if stain_norm != "none":
