@@ -17,6 +17,7 @@ pytest.importorskip("onnx", reason="hexfast export needs onnx")
 from conftest import shared_file  # noqa: E402
 from export_helpers import musk_file_state, save  # noqa: E402
 from hexfast.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
+from hexfast.mica_stream import INITIAL_LSE  # noqa: E402
 from hexfast_export import MuskConfig  # noqa: E402
 
 SHALLOW = MuskConfig(depth=2, dim=1024, heads=16, ffn_dim=512)  # full 384 input, dim 1024 for the official heads
@@ -59,7 +60,7 @@ def run_all(bundle):
         mica_s = ort.InferenceSession(str(bundle.model_path("mica")), providers=["CPUExecutionProvider"])
         width = bundle.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
         outs = mica_s.run(None, {"h_path": embedding, "h_codex": features,
-                                 "coattn_lse_in": np.full(40, -1e30, np.float32),
+                                 "coattn_lse_in": np.full(40, INITIAL_LSE, np.float32),
                                  "coattn_mean_in": np.zeros((40, width), np.float32)})
         assert [o.shape for o in outs] == [(1, 4), (1, 4), (1,), (40, 2), (40,), (40, width)]
 

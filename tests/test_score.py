@@ -36,6 +36,7 @@ from hexfast import cli
 from hexfast.bundle import DEFAULT_BUNDLE, load_bundle
 from hexfast.errors import SlideError
 from hexfast.markers import MARKERS
+from hexfast.mica_stream import INITIAL_LSE
 from hexfast.pipeline import Cancelled
 from hexfast.results import outputs_complete
 
@@ -263,7 +264,7 @@ def test_mica_risk_equals_the_models_rerun_on_the_h5(cmu, cmu_scored):
     width = mica.get_inputs()[3].shape[1]
     # All tiles in one call from the empty state (the pipeline streams chunks through the same graph).
     risk, scores, lse = mica.run(["risk", "coattn_scores", "coattn_lse"], {
-        "h_path": features, "h_codex": h_codex, "coattn_lse_in": np.full(40, -1e30, np.float32),
+        "h_path": features, "h_codex": h_codex, "coattn_lse_in": np.full(40, INITIAL_LSE, np.float32),
         "coattn_mean_in": np.zeros((40, width), np.float32)})
     report = json.loads((d / "report.json").read_text())
     assert report["mica"]["risk"] == pytest.approx(float(risk.reshape(())), rel=1e-4, abs=1e-6)

@@ -37,9 +37,10 @@ from hexfast import __version__
 from hexfast.bundle import SCHEMA, sha256_file
 from hexfast.errors import HexfastError
 from hexfast.markers import MARKERS
+from hexfast.mica_stream import INITIAL_LSE
 
 from .hex_model import HexModel
-from .mica import INITIAL_LSE, Mica
+from .mica import Mica
 from .onnx_export import (
     CODEX_OUTPUT_NAMES, MICA_OUTPUT_NAMES, OPSET, OUTPUT_NAMES, CodexGraph, HexGraph, MicaGraph, compare,
     convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, mica_parity, onnx_session, worst,

@@ -261,13 +261,14 @@ class Mica(nn.Module):
         c, q = self.codex_query(h_codex)
         k, v = self.tile_keys_values(h_path)
         scores = q @ k.transpose(0, 1)  # [40, N]
-        hazards, survival, risk, a_p, a_c = self.head(c, scores.softmax(dim=-1) @ v)
-        return MicaOutput(hazards, survival, risk, scores.softmax(dim=-1), scores, a_p, a_c)
+        weights = scores.softmax(dim=-1)
+        hazards, survival, risk, a_p, a_c = self.head(c, weights @ v)
+        return MicaOutput(hazards, survival, risk, weights, scores, a_p, a_c)
 
     def forward_chunk(self, h_path: torch.Tensor, h_codex: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor):
         """One chunk of a slide's tiles, carrying the co-attention's softmax as a running state.
 
-        lse [40]: log-sum-exp of the scores seen so far (INITIAL_LSE before the first chunk);
+        lse [40]: log-sum-exp of the scores seen so far (hexfast.mica_stream.INITIAL_LSE before the first chunk);
         mean [40, d]: softmax-weighted mean of their values (zeros before the first chunk).
         Returns (hazards, survival, risk, scores [40, n], lse, mean): after the last chunk the
         first three are forward()'s, and exp(scores - lse) are its coattn columns."""
@@ -277,9 +278,6 @@ class Mica(nn.Module):
         lse, mean = self.accumulate(scores, v, lse, mean)
         hazards, survival, risk, _, _ = self.head(c, mean)
         return hazards, survival, risk, scores, lse, mean
-
-
-INITIAL_LSE = -1e30  # log-sum-exp before any tile: finite, so no inf - inf anywhere
 
 
 class OnlineSoftmax(nn.Module):

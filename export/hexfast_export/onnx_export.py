@@ -16,7 +16,7 @@ Pillow-exact bicubic resize to 224 (codex_preprocess.py), ImageNet mean/std
 MICA graph, one chunk of a slide's tiles at a time (Mica.forward_chunk):
 `h_path` float32 [n, 1024] (dynamic n), `h_codex` float32 [40, 384],
 `coattn_lse_in` [40], `coattn_mean_in` [40, 256] (the online softmax's state;
-mica.INITIAL_LSE and zeros before the first chunk) → `hazards` [1, 4],
+hexfast.mica_stream.INITIAL_LSE and zeros before the first chunk) → `hazards` [1, 4],
 `survival` [1, 4], `risk` [1], `coattn_scores` [40, n], `coattn_lse` [40],
 `coattn_mean` [40, 256]. The runtime feeds each chunk the previous chunk's
 state; the last chunk's hazards/survival/risk are the slide's, and

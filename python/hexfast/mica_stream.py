@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CHUNK_TILES = 4096
-INITIAL_LSE = -1e30  # the state before any tile (hexfast_export.mica.INITIAL_LSE): finite, so no inf - inf
+INITIAL_LSE = -1e30  # log-sum-exp before any tile (also hexfast_export.mica's): finite, so no inf - inf
 
 
 class AttentionRanking:

@@ -104,15 +104,15 @@ def mica_summary(
         "survival": np.asarray(survival, np.float64).reshape(-1).tolist(),
         "risk": float(np.asarray(risk).reshape(())),
     }
+    if coattention is not None or ranking is not None:
+        coords = np.asarray(coords, np.int64).reshape(-1, 2)
     if coattention is not None:
         att = np.asarray(coattention, np.float64)
-        if att.ndim != 2 or att.shape != (len(marker_names), len(np.asarray(coords).reshape(-1, 2))):
-            raise ValueError(f"coattention must be ({len(marker_names)}, {len(np.asarray(coords).reshape(-1, 2))}), "
-                             f"got {att.shape}")
+        if att.shape != (len(marker_names), len(coords)):
+            raise ValueError(f"coattention must be ({len(marker_names)}, {len(coords)}), got {att.shape}")
         ranking = AttentionRanking(len(marker_names), top_k)
         ranking.add(att)
     if ranking is not None:
-        coords = np.asarray(coords, np.int64).reshape(-1, 2)
         if ranking.seen != len(coords):
             raise ValueError(f"the attention ranking saw {ranking.seen} tiles, not {len(coords)}")
 
