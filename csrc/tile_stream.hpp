@@ -24,11 +24,6 @@
 
 namespace hexfast {
 
-// Colour transform of RGB pixels, run by the workers (stain normalisation);
-// src == dst (in place) is allowed. The direct reader applies it while copying
-// rows out of decoded tiles, so a normalised tile costs no extra pass.
-using TileTransform = std::function<void(const uint8_t* src, uint8_t* dst, size_t n_pixels)>;
-
 struct StreamParams {
     std::string slide_path;
     std::string library_path;     // libopenslide.so.1

@@ -335,7 +335,7 @@ std::string TiledJpegReader::decode(JpegDecoder& decoder, int64_t key, DecodedTi
 }
 
 std::string TiledJpegReader::read(JpegDecoder& decoder, int64_t x, int64_t y, int64_t size, uint8_t* rgb,
-                                  const std::function<void(const uint8_t*, uint8_t*, size_t)>* transform) {
+                                  const TileTransform* transform) {
     const int64_t x0 = std::max<int64_t>(x, 0), y0 = std::max<int64_t>(y, 0);
     const int64_t x1 = std::min(x + size, layout_.width), y1 = std::min(y + size, layout_.height);
     const bool edge = x0 > x || y0 > y || x1 < x + size || y1 < y + size;

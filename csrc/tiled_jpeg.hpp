@@ -20,6 +20,12 @@
 
 namespace hexfast {
 
+// Colour transform of RGB pixels, run by the stream's workers (stain
+// normalisation); src == dst (in place) is allowed. The direct reader applies
+// it while copying rows out of decoded tiles, so a normalised tile costs no
+// extra pass.
+using TileTransform = std::function<void(const uint8_t* src, uint8_t* dst, size_t n_pixels)>;
+
 // Whether the extension was built with libjpeg (CMake found it); without it
 // only the OpenSlide path exists.
 bool tiled_jpeg_available();
@@ -89,7 +95,7 @@ public:
     // conversion. With a transform, rgb gets the transformed pixels (applied
     // as rows are copied). Returns an error message, empty on success.
     std::string read(JpegDecoder& decoder, int64_t x, int64_t y, int64_t size, uint8_t* rgb,
-                     const std::function<void(const uint8_t*, uint8_t*, size_t)>* transform = nullptr);
+                     const TileTransform* transform = nullptr);
     static std::shared_ptr<JpegDecoder> make_decoder();
     size_t decoded() const { return decoded_.load(); }  // stored tiles decoded so far (cache misses)  // shared_ptr: JpegDecoder stays opaque here
 
