@@ -81,10 +81,15 @@ def test_preprocess_onnx_is_bit_exact_with_pil(tmp_path):
                           opset_version=17, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
     session = onnx_session(path, threads=1)
+    run = lambda t: session.run(["y"], {"x": t.transpose(0, 3, 1, 2).astype(np.float32)})[0]  # noqa: E731
     for size in (112, 224, 448):
         tiles = slide_tiles(size, n=1)
-        y = session.run(["y"], {"x": tiles.transpose(0, 3, 1, 2).astype(np.float32)})[0]
-        np.testing.assert_array_equal(y[0].transpose(1, 2, 0).astype(np.uint8), pil_reference(tiles[0]))
+        np.testing.assert_array_equal(run(tiles)[0].transpose(1, 2, 0).astype(np.uint8), pil_reference(tiles[0]))
+    # One graph for every size: the tap matrix is built in the graph from the input width and height.
+    rng = np.random.default_rng(2)
+    for size in (96, 383, 384, 385, 577, 1000):
+        tile = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(run(tile)[0].transpose(1, 2, 0).astype(np.uint8), pil_reference(tile[0]))
 
 
 @pytest.fixture(scope="module")
