@@ -115,9 +115,13 @@ def test_small_matches_torchscale_fp64():
     ours, ref = paired(cfg, seed=1)
     ours, ref = ours.double(), ref.double()
     images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
-    _, _, diff, scale = compare(ours, ref, images)
+    _, theirs, diff, scale = compare(ours, ref, images)
     print(f"MUSK small fp64 vs torchscale: max|d|={diff:.3g} rel={diff / scale:.3g}")
     assert diff <= 1e-6 * scale
+    # forward() runs the last layer for CLS alone: the same CLS as every token through it.
+    with torch.no_grad():
+        cls = ours(images)
+    assert (cls - theirs[:, 0]).abs().max().item() <= 1e-6 * scale
 
 
 def test_positions_start_at_two():

@@ -20,6 +20,11 @@ Architecture (MUSK large, `musk_large_patch16_384`):
   q scaled by head_dim**-0.5 right after its projection.
 * final LayerNorm (`encoder.layer_norm`), then HEX reads token 0 (CLS):
   no vision head, no L2 normalisation.
+
+Since only CLS is read, `forward` runs the last layer for CLS alone: its
+keys and values still come from every token, but the query, output
+projection and FFN of the other 576 tokens (3.5 % of MUSK-L's FLOPs) would
+only be thrown away. `forward_features` runs every token through.
 """
 
 from __future__ import annotations
@@ -106,15 +111,16 @@ class SelfAttention(nn.Module):
         self.out_proj = Expert(nn.Linear(cfg.dim, cfg.dim))
         self.inner_attn_ln = Expert(nn.LayerNorm(cfg.dim, eps=cfg.eps))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """x [B, N, dim] → [B, N, dim], or [B, 1, dim] for the CLS query alone (`cls_only`)."""
         b, n, d = x.shape
-        q = self.q_proj(x) * self.scaling
+        q = self.q_proj(x[:, :1] if cls_only else x) * self.scaling
         k = self.k_proj(x)
         v = self.v_proj(x)
-        q, k, v = (t.view(b, n, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(b, -1, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         # q is already scaled (as torchscale does), so the kernel must not scale again.
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        out = out.transpose(1, 2).reshape(b, n, d)
+        out = out.transpose(1, 2).reshape(b, -1, d)
         return self.out_proj(self.inner_attn_ln(out))
 
 
@@ -137,8 +143,9 @@ class EncoderLayer(nn.Module):
         self.ffn = Expert(FeedForward(cfg))
         self.final_layer_norm = Expert(nn.LayerNorm(cfg.dim, eps=cfg.eps))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """x [B, N, dim] → [B, N, dim], or [B, 1, dim]: the CLS token alone (`cls_only`)."""
+        x = (x[:, :1] if cls_only else x) + self.self_attn(self.self_attn_layer_norm(x), cls_only)
         return x + self.ffn(self.final_layer_norm(x))
 
 
@@ -155,11 +162,13 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.depth))
         self.layer_norm = Expert(nn.LayerNorm(cfg.dim, eps=cfg.eps))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """tokens [B, N, dim] → every token after the final LayerNorm, or CLS alone [B, 1, dim]."""
         n = tokens.shape[1]
         x = tokens + self.embed_positions.A.weight[POSITION_OFFSET:POSITION_OFFSET + n]
-        for layer in self.layers:
-            x = layer(x)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cls_only and i == last)
         return self.layer_norm(x)
 
 
@@ -169,14 +178,14 @@ class BEiT3Vision(nn.Module):
         self.vision_embed = VisionEmbed(cfg)
         self.encoder = Encoder(cfg)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.vision_embed(images))
+    def forward(self, images: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        return self.encoder(self.vision_embed(images), cls_only)
 
 
 class MuskVision(nn.Module):
     """MUSK image encoder. State-dict keys are MUSK's (`beit3.*`).
 
-    forward(images [B,3,S,S] normalised) → CLS after the final LayerNorm [B, dim].
+    forward(images [B,3,S,S] normalised) → CLS after the final LayerNorm [B, dim] (last layer: CLS only).
     forward_features(images) → every token after the final LayerNorm [B, 1+P, dim].
     """
 
@@ -203,4 +212,4 @@ class MuskVision(nn.Module):
         return self.beit3(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(images)[:, 0]
+        return self.beit3(images, cls_only=True)[:, 0]

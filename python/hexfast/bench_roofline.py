@@ -6,7 +6,8 @@ Three figures, measured or derived in one run:
 
 1. FLOPs per tile, two ways that must agree:
    * analytic (`hex_flops`): the MUSK encoder's shape (patch embedding conv, per layer the
-     Q/K/V/out projections, QKᵀ and AV over all tokens, FFN), the heads, and the in-graph
+     Q/K/V/out projections, QKᵀ and AV over all tokens, FFN; the last layer only for the CLS
+     token HEX reads, apart from its keys and values), the heads, and the in-graph
      PIL-exact resize (two float32 matmuls against 3 byte planes of PIL's coefficients).
      A multiply-add counts 2 FLOPs. LayerNorm (incl. MUSK's sub-LN), softmax, GELU, bias adds
      and the scaling are elementwise: not counted, estimated separately (~0.5 %).
@@ -97,10 +98,11 @@ def hex_flops(shape: HexShape = MUSK_L16_384, tile: int = 224) -> dict[str, int]
     # Resize: [c, T, T] @ [T, 3S] horizontally, then [3S, T] @ [c, T, S] vertically.
     out["resize"] = 2 * c * tile * tile * 3 * s + 2 * c * 3 * s * tile * s
     out["patch_embed"] = 2 * shape.patches * d * c * shape.patch_size ** 2
-    out["projections"] = shape.depth * 4 * 2 * n * d * d
-    out["attn_qk"] = shape.depth * 2 * n * n * d  # heads × N² × head_dim = N² × dim
-    out["attn_av"] = shape.depth * 2 * n * n * d
-    out["ffn"] = shape.depth * 2 * 2 * n * d * f
+    full = shape.depth - 1  # layers over all N tokens; the last one has queries for CLS alone
+    out["projections"] = full * 4 * 2 * n * d * d + 2 * 2 * n * d * d + 2 * 2 * d * d  # last: K, V all; Q, out CLS
+    out["attn_qk"] = full * 2 * n * n * d + 2 * n * d  # heads × N² × head_dim = N² × dim
+    out["attn_av"] = full * 2 * n * n * d + 2 * n * d
+    out["ffn"] = full * 2 * 2 * n * d * f + 2 * 2 * d * f
     out["embed_proj"] = 2 * d * shape.embed_dim if shape.embed_dim != d else 0
     dims = (shape.embed_dim, *shape.head_hidden, shape.outputs)
     out["heads"] = sum(2 * a * b for a, b in zip(dims, dims[1:]))
@@ -111,13 +113,13 @@ def elementwise_estimate(shape: HexShape = MUSK_L16_384) -> dict[str, int]:
     """Rough FLOPs of what hex_flops leaves out (per tile): LayerNorms (~8/element: 3 on dim + the
     sub-LN on the FFN hidden, per layer, plus the final one), softmax (~5/score), exact GELU
     (~8/element), bias adds and residuals (1/element)."""
-    n, d, f, L = shape.tokens, shape.dim, shape.ffn_dim, shape.depth
-    heads = shape.heads
+    n, d, f, heads = shape.tokens, shape.dim, shape.ffn_dim, shape.heads
+    rows = (shape.depth - 1) * n + 1  # token-layers: the last layer runs CLS alone
     return {
-        "layernorm": 8 * n * (L * (3 * d + f) + d),
-        "softmax": L * 5 * heads * n * n,
-        "gelu": L * 8 * n * f,
-        "bias+residual": L * n * (4 * d + f + d + 2 * d),
+        "layernorm": 8 * (rows * (3 * d + f) + d),
+        "softmax": 5 * heads * n * rows,
+        "gelu": 8 * rows * f,
+        "bias+residual": rows * (4 * d + f + d + 2 * d),
     }
 
 
