@@ -217,9 +217,9 @@ def _time_torch(fn, x, graphed, seconds, dev) -> dict:
 def engine_cases(model: str, batch: int, seconds: float, tile: int) -> list[dict]:
     """Every backend × precision that loads here, timed (engines.measure) and checked against
     the bundle's fp32 model run by ONNX Runtime on the CPU... or the first fp32 engine that loads."""
-    from hexfast.bench_model import hex_model_file, plan_dir_for
     from hexfast.bundle import load_bundle
-    from hexfast.engines import available_backends, create_engine, measure
+    from hexfast.engines import available_backends, measure
+    from hexfast.pipeline import open_engine
 
     bundle = load_bundle(model)
     check = tiles_for(8, tile, seed=1)
@@ -228,8 +228,7 @@ def engine_cases(model: str, batch: int, seconds: float, tile: int) -> list[dict
     for backend in available_backends():
         for precision in ("fp32", "fp16", "bf16"):
             try:
-                engine = create_engine(hex_model_file(bundle, precision), backend, precision=precision,
-                                       plan_dir=plan_dir_for(bundle))
+                engine = open_engine(bundle, "hex", backend, precision)
             except Exception as e:  # noqa: BLE001 - a missing plan, an unsupported precision: say so, go on
                 rows.append({"backend": backend, "precision": precision, "skipped": str(e).splitlines()[0]})
                 continue

@@ -137,17 +137,14 @@ def run_reference(args, coords, size, out_dir: Path) -> dict:
 
 def run_hexfast(args, coords, size, out_dir: Path) -> dict:
     from hexfast.bundle import load_bundle
-    from hexfast.engines import create_engine
+    from hexfast.pipeline import open_engine
     from hexfast.slide import open_slide
     from hexfast.stream import TileStream
 
     bundle = load_bundle(args.model)
     t = time.perf_counter()
     precision = args.precision
-    from hexfast.bench_model import hex_model_file, plan_dir_for
-
-    engine = create_engine(hex_model_file(bundle, precision), args.backend, precision=precision,
-                           plan_dir=plan_dir_for(bundle))
+    engine = open_engine(bundle, "hex", args.backend, precision)
     load_s = time.perf_counter() - t
     markers, embeddings = [], []
     with open_slide(args.slide) as slide:

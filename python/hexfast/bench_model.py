@@ -102,27 +102,6 @@ def gpu_memory_mib(engine=None) -> float | str:
     return "n/a"
 
 
-def plan_dir_for(bundle) -> Path | None:
-    """Where `hexfast build-engines` put this GPU's plans (BUNDLE/engines/<gpu>-trt<version>/), when
-    TensorRT and a GPU are present; None otherwise (ort-trt then uses its default cache)."""
-    try:
-        import tensorrt
-
-        from .engine_build import engine_key, gpu_name
-    except ImportError:
-        return None
-    gpu = gpu_name()
-    return bundle.engine_cache_dir(engine_key(gpu, tensorrt.__version__)) if gpu else None
-
-
-def hex_model_file(bundle, precision: str) -> Path:
-    """The file every backend is created from: the bundle's fp32 `hex.onnx` at any precision. Reduced
-    precision comes from the backend (TensorRT plans `hex.<precision>.plan` found by this file's stem,
-    ort-trt's fp16/bf16 flags, torch autocast); the bundle's hex.fp16.onnx is what `build-engines`
-    builds fp16 plans from, and its stem would name plans `hex.fp16.<precision>.plan`."""
-    return bundle.model_path("hex", "fp32")
-
-
 def encoder_label(bundle) -> str:
     """e.g. "MUSK dim 1024 × 24 layers, patch 16" from the manifest (MUSK-L/16 when it says nothing)."""
     enc = bundle.manifest.get("hex_encoder") or {"dim": 1024, "depth": 24, "patch_size": 16}
@@ -137,12 +116,12 @@ def engine_rows(bundle, backend: str = "auto", precision: str = "fp32", batch_si
                 tile: int = 224, seconds: float = 5.0, threads: int | None = None, warmup: int = 1) -> list[dict]:
     """Engine-only rows for one backend, in this process (see the module docstring for the fields)."""
     from .bundle import Bundle, load_bundle
-    from .engines import create_engine, measure
+    from .engines import measure
+    from .pipeline import open_engine
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     rows = []
-    with create_engine(hex_model_file(bundle, precision), backend, precision=precision,
-                       plan_dir=plan_dir_for(bundle), threads=threads) as engine:
+    with open_engine(bundle, "hex", backend, precision, threads) as engine:
         timed = TimedEngine(engine)
         for batch in sorted({int(b) for b in batch_sizes}):
             timed.records.clear()
@@ -219,33 +198,6 @@ def _rate(x: float) -> str:
 
 # ----------------------------------------------------------------------------- end to end
 
-def scorer_bundle(model, precision: str):
-    """The bundle to give Scorer, and what was adjusted. Where TensorRT plans or reduced precision are
-    involved, a view of the bundle that (1) opens every model from its fp32 ONNX file (the engines take
-    fp16 / bf16 from their flags and plans, and `hex.fp16.onnx`'s stem would name the plan
-    `hex.fp16.fp16.plan`; there is no bf16 file) and (2) points plan_dir at the folder
-    `hexfast build-engines` writes (BUNDLE/engines/<gpu>-trt<version>/; Scorer asks for
-    engine_cache_dir(<model name>)). On a CPU at fp32 the bundle is used as is."""
-    from .bundle import Bundle, load_bundle
-
-    bundle = model if isinstance(model, Bundle) else load_bundle(model)
-    plan_dir = plan_dir_for(bundle)
-    if precision == "fp32" and plan_dir is None:
-        return bundle, []
-
-    class View(Bundle):
-        def model_path(self, name, precision="fp32"):
-            return super().model_path(name, "fp32")
-
-        def engine_cache_dir(self, key):
-            return plan_dir if plan_dir is not None else super().engine_cache_dir(key)
-
-    done = ["models opened from their fp32 ONNX files (precision from the backend)"]
-    if plan_dir is not None:
-        done.append(f"plan_dir {plan_dir}")
-    return View(bundle.path, bundle.manifest, bundle.hash), done
-
-
 def _engine_alone(timed: TimedEngine, feeds: dict, seconds: float, warmup: int) -> dict:
     """engines.measure on `feeds` at their batch size, with the process CPU time per tile."""
     from .engines import measure
@@ -266,10 +218,11 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
     """Scores `slide` once, tracing the HEX engine, with the engine measured alone (this process) just
     before (random tiles of the slide's tile size, batch_size) and just after (the slide's first batch):
     bracketing the slide in time makes the ratio less sensitive to other load on the machine."""
+    from .bundle import Bundle, load_bundle
     from .pipeline import Scorer
     from .slide import open_slide
 
-    bundle, workarounds = scorer_bundle(model, precision)
+    bundle = model if isinstance(model, Bundle) else load_bundle(model)
     start = time.perf_counter()
     scorer = Scorer(bundle, backend, precision=precision, batch_size=batch_size, threads=threads,
                     engine_threads=engine_threads)
@@ -311,7 +264,7 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
             "slide": str(slide), "tiles": n, "tile_px": int(result.tile_size), "model": str(scorer.bundle.path),
             "demo": scorer.bundle.demo, "backend": scorer.backend, "describe": scorer.hex.describe(),
             "precision": precision, "batch_size": batch_size, "threads": threads,
-            "scorer_workarounds": workarounds, "model_load_seconds": load_s, "seconds": dict(result.seconds), "wall_seconds": result.wall_seconds,
+            "model_load_seconds": load_s, "seconds": dict(result.seconds), "wall_seconds": result.wall_seconds,
             "e2e_seconds": e2e_s, "e2e_tiles_per_s": e2e_rate, "slide_tiles_per_s": n / e2e_s if e2e_s else 0.0,
             "engine_batch": alone[0]["batch"], "engine_tiles_per_s": engine_rate,
             "engine_before": before, "engine_after": after,

@@ -102,13 +102,8 @@ class Scorer:
         self.min_tissue = min_tissue
         self._cancel = threading.Event()
 
-        plan_dir = _plan_dir(self.bundle, backend)
-
         def engine(name: str):
-            # Always the fp32 graph: TensorRT builds fp16/bf16 from it (precision flag), and plans are
-            # named <model>.<precision>.plan after it, as `hexfast build-engines` writes them.
-            return create_engine(self.bundle.model_path(name, "fp32"), backend, precision=precision,
-                                 plan_dir=plan_dir, threads=engine_threads)
+            return open_engine(self.bundle, name, backend, precision, engine_threads)
 
         self.hex = engine("hex")
         # The slide-level models are small: one run per slide.
@@ -284,6 +279,15 @@ class Scorer:
         result.mica = mica_summary(out.hazards, out.survival, out.risk, coords=result.coords,
                                    marker_names=result.marker_names, ranking=out.ranking)
         result.seconds["codex encoder+mica"] = time.perf_counter() - start
+
+
+def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str = "fp32",
+                threads: int | None = None):
+    """The engine Scorer runs for the bundle's model `name`. Always from the fp32 graph: TensorRT
+    builds fp16/bf16 from it (precision flag), and finds the plans `hexfast build-engines` wrote,
+    named <model>.<precision>.plan after it, in the bundle's folder for this GPU + TensorRT."""
+    return create_engine(bundle.model_path(name, "fp32"), backend, precision=precision,
+                         plan_dir=_plan_dir(bundle, backend), threads=threads)
 
 
 def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
