@@ -269,3 +269,17 @@ def test_reference_script_same_outputs_and_fields(tiny_slide, tmp_path):
         assert {"tiles_per_s", "cpu_ms_per_tile", "peak_rss_mib", "how"} <= set(r[side])
     assert r["speedup"] == pytest.approx(r["hexfast"]["tiles_per_s"] / r["reference"]["tiles_per_s"])
     assert "hexfast ÷ reference" in run.stdout
+
+
+def test_ab_script_same_graph_agrees_exactly(tmp_path):
+    """benchmarks/ab_engines.py: a graph against itself gives identical outputs and one ratio per pair."""
+    hex_onnx = load_bundle(None).model_path("hex", "fp32")
+    out = tmp_path / "ab.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ab_engines.py"), hex_onnx, hex_onnx,
+                          "--batch-size", "2", "--pairs", "3", "--threads", "1", "--json", out],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    r = json.loads(out.read_text())
+    assert r["max_rel_diff"] == {"markers": 0.0, "embedding": 0.0}
+    assert len(r["runs"]["a"]) == len(r["runs"]["b"]) == 3
+    assert r["a_over_b_cpu_median"] > 0 and r["a_over_b_wall_median"] > 0
