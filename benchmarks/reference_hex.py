@@ -155,6 +155,7 @@ def run_hexfast(args, coords, size, out_dir: Path) -> dict:
     precision = args.precision
     engine = open_engine(bundle, "hex", args.backend, precision)
     load_s = time.perf_counter() - t
+
     def infer(slide, tiles):
         markers, embeddings = [], []
         with TileStream(slide, tiles, read_size=size, batch_size=args.batch_size, threads=args.threads) as stream:

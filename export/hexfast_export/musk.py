@@ -113,7 +113,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
         """x [B, N, dim] → [B, N, dim], or [B, 1, dim] for the CLS query alone (`cls_only`)."""
-        b, n, d = x.shape
+        b, _, d = x.shape
         q = self.q_proj(x[:, :1] if cls_only else x) * self.scaling
         k = self.k_proj(x)
         v = self.v_proj(x)
