@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,14 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from hexfast.bench_model import cpu_seconds, peak_rss_mib
 
 
 def load_torch_model(bundle, hex_path=None, musk=None, hex_heads=None):
