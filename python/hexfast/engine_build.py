@@ -33,6 +33,7 @@ The preprocessing must stay float32: the exact resize sums integers up to 2^24.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import re
@@ -82,8 +83,13 @@ def import_tensorrt():
 
 
 def gpu_name() -> str | None:
-    """Name of the first visible CUDA GPU, or None when there is none (nvidia-smi, then cuda-python)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    """Name of the first visible CUDA GPU, or None when there is none (nvidia-smi, then cuda-python).
+    Looked up once per CUDA_VISIBLE_DEVICES value: Scorer asks for each of its models."""
+    return _gpu_name(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(visible: str | None) -> str | None:
     if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
         return None
     index = (visible or "0").split(",")[0].strip()
