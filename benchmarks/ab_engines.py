@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hexfast.bench_model import cpu_seconds
+from hexfast.bench.proc import cpu_seconds
 from hexfast.engines import create_engine
 
 

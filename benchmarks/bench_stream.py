@@ -3,7 +3,7 @@
     python benchmarks/make_slide.py --texture ../shared/data/slides/CMU-1-Small-Region.svs -o /tmp/big.svs
     python benchmarks/bench_stream.py /tmp/big.svs [--tiles 6000]
 
-The same as `hexfast bench stream SLIDE`; the cases live in hexfast.bench.
+The same as `hexfast bench stream SLIDE`; the cases live in hexfast.bench.stream.
 """
 
 import sys

@@ -10,7 +10,6 @@ Needs the `[test]` extra for the OpenCV reference."""
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -19,14 +18,11 @@ import numpy as np
 
 import hexfast
 from hexfast import _core
-from hexfast.tiling import detect_tissue, mask_downsample
+from hexfast.bench.proc import peak_rss_mib
+from hexfast.slide import mask_downsample
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_core import clam_reference_mask  # noqa: E402  (the independent OpenCV pipeline)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def timed(fn):

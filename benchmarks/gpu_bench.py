@@ -217,9 +217,10 @@ def _time_torch(fn, x, graphed, seconds, dev) -> dict:
 def engine_cases(model: str, batch: int, seconds: float, tile: int) -> list[dict]:
     """Every backend × precision that loads here, timed (engines.measure) and checked against
     the bundle's fp32 model run by ONNX Runtime on the CPU... or the first fp32 engine that loads."""
+    from hexfast.bench.measure import measure
     from hexfast.bundle import load_bundle
-    from hexfast.engines import available_backends, measure
-    from hexfast.pipeline import open_engine
+    from hexfast.engines import available_backends
+    from hexfast.score import open_engine
 
     bundle = load_bundle(model)
     check = tiles_for(8, tile, seed=1)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hexfast.bench_model import cpu_seconds, peak_rss_mib
+from hexfast.bench.proc import cpu_seconds, peak_rss_mib
 
 
 def load_torch_model(bundle, hex_path=None, musk=None, hex_heads=None):
@@ -138,7 +138,7 @@ def run_reference(args, coords, size, out_dir: Path) -> dict:
 
 def run_hexfast(args, coords, size, out_dir: Path) -> dict:
     from hexfast.bundle import load_bundle
-    from hexfast.pipeline import open_engine
+    from hexfast.score import open_engine
     from hexfast.slide import open_slide
     from hexfast.stream import TileStream
 
@@ -165,7 +165,7 @@ def run_hexfast(args, coords, size, out_dir: Path) -> dict:
         seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     np.save(out_dir / "hexfast_markers.npy", np.concatenate(markers))
     np.save(out_dir / "hexfast_embedding.npy", np.concatenate(embeddings))
-    from hexfast.bench_model import gpu_memory_mib
+    from hexfast.bench.model import gpu_memory_mib
 
     gpu = gpu_memory_mib(engine)
     describe = engine.describe()
@@ -178,7 +178,7 @@ def run_hexfast(args, coords, size, out_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 def first_tiles(slide, n):
-    from hexfast.bench import pick_tiles
+    from hexfast.bench.stream import pick_tiles
 
     coords, size = pick_tiles(str(slide), n)
     return np.asarray(coords), int(size)

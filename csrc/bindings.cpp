@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "grid.hpp"
+#include "py_numpy.hpp"
 #include "tissue.hpp"
 
 namespace py = pybind11;
@@ -15,14 +16,6 @@ using namespace hexfast;
 namespace {
 
 using U8Array = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
-
-// Moves a vector into a numpy array of the given shape, without a copy.
-template <class T>
-py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
-    auto* owned = new std::vector<T>(std::move(v));
-    py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-    return py::array_t<T>(shape, owned->data(), free_when_done);
-}
 
 std::pair<int, int> image_size(const U8Array& a, int channels) {
     const bool ok = channels == 1 ? a.ndim() == 2 : (a.ndim() == 3 && a.shape(2) == channels);
@@ -41,6 +34,7 @@ void bind_stream(py::module_& m);  // stream_bindings.cpp
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "hexfast C++ core: tissue detection, tile grid, stain normalisation, TileStream";
+    m.attr("__version__") = HEXFAST_VERSION;  // pyproject.toml's, through CMake
 
     m.def(
         "segment_tissue",
@@ -85,28 +79,28 @@ PYBIND11_MODULE(_core, m) {
     m.def("hsv_saturation", [](const U8Array& rgb) {
         auto [w, h] = image_size(rgb, 3);
         return image_out(hsv_saturation(rgb.data(), w, h), w, h);
-    });
+    }, py::arg("rgb"));
     m.def("median_blur", [](const U8Array& img, int ksize) {
         auto [w, h] = image_size(img, 1);
         return image_out(median_blur(img.data(), w, h, ksize), w, h);
-    });
-    m.def("otsu_threshold", [](const U8Array& img) { return otsu_threshold(img.data(), img.size()); });
+    }, py::arg("img"), py::arg("ksize"));
+    m.def("otsu_threshold", [](const U8Array& img) { return otsu_threshold(img.data(), img.size()); }, py::arg("img"));
     m.def("morph_close", [](const U8Array& mask, int ksize) {
         auto [w, h] = image_size(mask, 1);
         return image_out(morph_close(mask.data(), w, h, ksize), w, h);
-    });
+    }, py::arg("mask"), py::arg("ksize"));
     m.def("fill_holes", [](const U8Array& mask, int64_t max_area) {
         auto [w, h] = image_size(mask, 1);
         std::vector<uint8_t> out(mask.data(), mask.data() + mask.size());
         fill_holes(out.data(), w, h, max_area);
         return image_out(std::move(out), w, h);
-    });
+    }, py::arg("mask"), py::arg("max_area"));
     m.def("remove_small_components", [](const U8Array& mask, int64_t min_area) {
         auto [w, h] = image_size(mask, 1);
         std::vector<uint8_t> out(mask.data(), mask.data() + mask.size());
         remove_small_components(out.data(), w, h, min_area);
         return image_out(std::move(out), w, h);
-    });
+    }, py::arg("mask"), py::arg("min_area"));
     m.def("odd_kernel", &odd_kernel, py::arg("um"), py::arg("mpp"));
     bind_stain(m);
     bind_stream(m);

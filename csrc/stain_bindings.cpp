@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "stain.hpp"
+#include "py_numpy.hpp"
 #include "tile_stream.hpp"
 
 namespace py = pybind11;
@@ -42,13 +43,6 @@ RgbArray rgb_input(const py::handle& obj, const char* name) {
 }
 
 std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
-
-template <class T>
-py::array_t<T> to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
-    auto* owned = new std::vector<T>(std::move(v));
-    py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-    return py::array_t<T>(shape, owned->data(), free_when_done);
-}
 
 // A finite float64 array of exactly `shape`.
 F64Array f64_input(const py::handle& obj, const char* name, std::vector<py::ssize_t> shape) {

@@ -5,6 +5,8 @@ missing fixture is a failure."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,22 @@ import pytest
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SLIDES = SHARED / "slides"
 FIXTURES = SLIDES / "openslide-fixtures"
+
+
+def hexfast(*args, env=None, cwd=None, timeout=900) -> subprocess.CompletedProcess:
+    """`hexfast ARGS` in a fresh interpreter, as a user runs it: (returncode, stdout, stderr)."""
+    return subprocess.run([sys.executable, "-m", "hexfast", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> str:
+    """The run failed with `code` and said why in exactly one line holding every fragment: that line."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 def shared_file(relpath: str) -> Path:

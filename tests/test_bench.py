@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hexfast.bench_roofline import (MUSK_L16_384, TERMS, HexShape, elementwise_estimate, hex_flops, hex_params,
+from conftest import hexfast
+from hexfast.bench.roofline import (MUSK_L16_384, TERMS, HexShape, elementwise_estimate, hex_flops, hex_params,
                                     measure_peak)
 from hexfast.bundle import load_bundle
 
@@ -30,15 +31,11 @@ onnx = pytest.importorskip("onnx", reason="the graph count needs onnx (pip insta
 pytest.importorskip("onnxruntime", reason="the graph count and the engines need onnxruntime (pip install '.[test]')")
 
 
-def hexfast(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hexfast", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
-
 
 @pytest.fixture(scope="module")
 def tiny_slide(tmp_path_factory) -> Path:
     """A synthetic 40x slide with a handful of 224-px tissue tiles."""
-    from hexfast.demo_slide import write_demo_slide
+    from hexfast.slide.synthetic import write_demo_slide
 
     return write_demo_slide(tmp_path_factory.mktemp("slide") / "tiny.tiff", 1400, 1000, mpp=0.25, seed=0)  # 15 tiles
 
@@ -47,7 +44,7 @@ def tiny_slide(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("tile", [224, 112, 384, 448])
 def test_formula_equals_onnx_graph_count_on_the_demo_bundle(tile):
-    from hexfast.bench_roofline import onnx_flops
+    from hexfast.bench.roofline import onnx_flops
 
     bundle = load_bundle()
     shape = HexShape.from_manifest(bundle.manifest)
@@ -61,14 +58,14 @@ def test_formula_equals_onnx_graph_count_on_the_demo_bundle(tile):
 
 
 def test_graph_count_is_per_tile_whatever_the_batch():
-    from hexfast.bench_roofline import onnx_flops
+    from hexfast.bench.roofline import onnx_flops
 
     path = load_bundle().model_path("hex")
     assert onnx_flops(path, 224, batch=3)["total"] == onnx_flops(path, 224, batch=1)["total"]
 
 
 def test_graph_count_cache(tmp_path, monkeypatch):
-    from hexfast.bench_roofline import onnx_flops_cached
+    from hexfast.bench.roofline import onnx_flops_cached
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = load_bundle().model_path("hex")
@@ -115,8 +112,9 @@ def test_measure_peak_cpu_rows():
 # ----------------------------------------------------------------------------- engine
 
 def test_timed_engine_records_each_run():
-    from hexfast.bench_model import TimedEngine
-    from hexfast.engines import create_engine, measure
+    from hexfast.bench.measure import measure
+    from hexfast.bench.model import TimedEngine
+    from hexfast.engines import create_engine
 
     with create_engine(load_bundle().model_path("hex"), "ort-cpu", threads=1) as engine:
         timed = TimedEngine(engine, keep_first=True)
@@ -129,7 +127,7 @@ def test_timed_engine_records_each_run():
 
 
 def test_bench_engine_rows_in_process():
-    from hexfast.bench_model import bench_engine, format_engine_table
+    from hexfast.bench.model import bench_engine, format_engine_table
 
     rows = bench_engine(None, ["ort-cpu"], batch_sizes=[2, 1], tile=96, seconds=0.01, threads=1, isolate=False)
     assert [r["batch"] for r in rows] == [2, 1]  # the order asked for
@@ -177,7 +175,7 @@ def test_cli_bench_engine_errors_are_one_line(args, fragment):
 # ----------------------------------------------------------------------------- roofline
 
 def test_roofline_fields_on_the_demo_bundle(tmp_path, monkeypatch):
-    from hexfast.bench_roofline import format_roofline, roofline
+    from hexfast.bench.roofline import format_roofline, roofline
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the graph-count cache
 
@@ -205,7 +203,7 @@ def test_cli_roofline_json(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 def test_bench_e2e_fields(tiny_slide, tmp_path):
-    from hexfast.bench_model import bench_e2e, format_e2e
+    from hexfast.bench.model import bench_e2e, format_e2e
 
     r = bench_e2e(tiny_slide, None, "ort-cpu", batch_size=4, threads=1, engine_threads=1, engine_seconds=0.01,
                   out=tmp_path / "out")

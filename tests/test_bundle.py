@@ -12,27 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import hexfast, one_line_error
 from hexfast.bundle import (
     DEFAULT_BUNDLE, Bundle, BundleError, BundleFileMissingError, ChecksumError, ManifestInvalidError,
     ManifestMissingError, MissingModelError, load_bundle,
 )
 from hexfast.errors import HexfastError
 from hexfast.markers import MARKERS
-from hexfast.mica_stream import stream_mica
+from hexfast.score.mica_stream import stream_mica
 
 
-def hexfast(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hexfast", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env)
-
-
-def one_line_error(result, *fragments, code=2) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -77,7 +66,7 @@ def test_manifest_records_parity_within_tolerance():
 
 
 def test_runtime_modules_never_import_torch():
-    code = ("import sys, hexfast, hexfast.bundle, hexfast.cli, hexfast.cli_models, hexfast.engine_build;"
+    code = ("import sys, hexfast, hexfast.bundle, hexfast.cli, hexfast.cli.models, hexfast.engines.build;"
             "hexfast.bundle.load_bundle(); hexfast.cli.build_parser();"
             "print(sorted(m for m in ('torch', 'hexfast_export', 'onnx', 'tensorrt') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -101,11 +90,13 @@ def test_demo_bundle_runs_with_onnxruntime():
             assert features.shape == (40, 384) and features.dtype == np.float32
         mica_s = ort.InferenceSession(str(b.model_path("mica", precision)), providers=["CPUExecutionProvider"])
         names = [o.name for o in mica_s.get_outputs()]
-        run = lambda feeds: dict(zip(names, mica_s.run(names, feeds)))  # noqa: E731
+        def run(feeds, session=mica_s, names=names):
+            return dict(zip(names, session.run(names, feeds)))
+
         width = b.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
         for n in (1, 250):
             h_path = rng.standard_normal((n, 1024), dtype=np.float32)
-            out = stream_mica(run, features, lambda: (h_path[i:i + 100] for i in range(0, n, 100)),
+            out = stream_mica(run, features, lambda h=h_path, n=n: (h[i:i + 100] for i in range(0, n, 100)),
                               state_width=width, keep_attention=True)
             hazards, survival, risk = out.hazards, out.survival, out.risk
             assert hazards.shape == (1, 4) and survival.shape == (1, 4) and risk.shape == (1,)
@@ -206,7 +197,7 @@ def test_errors_are_bundle_errors():
 
 
 def test_engine_key_and_plan_specs():
-    from hexfast.engine_build import engine_key, plan_specs
+    from hexfast.engines.build import engine_key, plan_specs
 
     assert engine_key("NVIDIA H100 80GB HBM3", "10.3.0") == "NVIDIA_H100_80GB_HBM3-trt10.3.0"
     assert engine_key("  Tesla T4 / (PCIe) ", "10.0.1.6") == "Tesla_T4_PCIe-trt10.0.1.6"
@@ -233,7 +224,7 @@ def test_build_engines_without_tensorrt_says_so(tmp_path):
     else:
         pytest.skip("tensorrt is importable here; the missing-TensorRT message cannot be shown")
     r = hexfast("build-engines", DEFAULT_BUNDLE, "--fp16")
-    one_line_error(r, "TensorRT is not installed")
+    one_line_error(r, "build-engines needs TensorRT 10's Python package")
     r = hexfast("build-engines", tmp_path / "nowhere")
     one_line_error(r, "nowhere", "no such model bundle")
     r = hexfast("build-engines", DEFAULT_BUNDLE, "--fp16", "--bf16")
@@ -242,7 +233,7 @@ def test_build_engines_without_tensorrt_says_so(tmp_path):
 
 def test_build_engines_with_tensorrt(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU machine)")
-    from hexfast.engine_build import gpu_name
+    from hexfast.engines.build import gpu_name
 
     if gpu_name() is None:
         r = hexfast("build-engines", DEFAULT_BUNDLE)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -12,22 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hexfast.outputs import atomic_output
+from conftest import hexfast, one_line_error
+from hexfast.files import atomic_output
 
 
-def hexfast(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "hexfast", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
-
-
-def assert_one_line_error(result, *fragments, code=2):
-    assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def leftovers(out: Path) -> list[str]:
@@ -81,30 +67,30 @@ def test_no_tissue_warns_loudly_and_writes_empty_h5(blank_slide, tmp_path):
 
 
 def test_missing_path(tmp_path):
-    assert_one_line_error(hexfast("tiles", tmp_path / "nope.svs", "-o", tmp_path / "out"), "nope.svs", "no such file")
+    one_line_error(hexfast("tiles", tmp_path / "nope.svs", "-o", tmp_path / "out"), "nope.svs", "no such file")
     assert leftovers(tmp_path / "out") == []
 
 
 def test_directory(tmp_path):
-    assert_one_line_error(hexfast("info", tmp_path), str(tmp_path), "is a directory")
+    one_line_error(hexfast("info", tmp_path), str(tmp_path), "is a directory")
 
 
 def test_unreadable_svs(fixture_slide, tmp_path):
     r = hexfast("tiles", fixture_slide("unreadable.svs"), "-o", tmp_path)
-    assert_one_line_error(r, "unreadable.svs", "cannot read pixels", "Bogus marker length")
+    one_line_error(r, "unreadable.svs", "cannot read pixels", "Bogus marker length")
     assert leftovers(tmp_path) == []
 
 
 def test_unopenable_tiff(fixture_slide, tmp_path):
     r = hexfast("tiles", fixture_slide("unopenable.tiff"), "-o", tmp_path)
-    assert_one_line_error(r, "unopenable.tiff", "cannot open slide", "Unsupported TIFF compression")
+    one_line_error(r, "unopenable.tiff", "cannot open slide", "Unsupported TIFF compression")
     assert leftovers(tmp_path) == []
 
 
 def test_non_slide_file(tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a slide\n")
-    assert_one_line_error(hexfast("tiles", notes, "-o", tmp_path / "out"), "notes.txt", "not a slide format")
+    one_line_error(hexfast("tiles", notes, "-o", tmp_path / "out"), "notes.txt", "not a slide format")
 
 
 @pytest.mark.parametrize(
@@ -114,13 +100,13 @@ def test_non_slide_file(tmp_path):
 )
 def test_nonsense_mpp(cmu_small, tmp_path, value, fragment):
     r = hexfast("tiles", cmu_small, "-o", tmp_path / "out", f"--mpp={value}")
-    assert_one_line_error(r, "--mpp" if value != "1000" else "CMU-1-Small-Region.svs", fragment)
+    one_line_error(r, "--mpp" if value != "1000" else "CMU-1-Small-Region.svs", fragment)
     assert leftovers(tmp_path / "out") == []
 
 
 def test_slide_without_mpp_is_refused(no_mpp_slide, tmp_path):
     r = hexfast("tiles", no_mpp_slide, "-o", tmp_path / "out")
-    assert_one_line_error(r, "nompp.tiff", "no resolution", "--mpp")
+    one_line_error(r, "nompp.tiff", "no resolution", "--mpp")
     r = hexfast("tiles", no_mpp_slide, "-o", tmp_path / "out", "--mpp", "0.5")
     assert r.returncode == 0, r.stderr
 
@@ -128,8 +114,8 @@ def test_slide_without_mpp_is_refused(no_mpp_slide, tmp_path):
 def test_unwritable_output_directory(cmu_small, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_one_line_error(hexfast("tiles", cmu_small, "-o", blocker / "out"), str(blocker / "out"), "cannot create")
-    assert_one_line_error(hexfast("tiles", cmu_small, "-o", blocker), str(blocker), "not a directory")
+    one_line_error(hexfast("tiles", cmu_small, "-o", blocker / "out"), str(blocker / "out"), "cannot create")
+    one_line_error(hexfast("tiles", cmu_small, "-o", blocker), str(blocker), "not a directory")
 
 
 def test_one_bad_slide_does_not_stop_the_others(cmu_small, fixture_slide, tmp_path):

@@ -1,4 +1,4 @@
-"""`hexfast score --ray`: a cohort on a Ray cluster (hexfast.cluster), on a
+"""`hexfast score --ray`: a cohort on a Ray cluster (hexfast.score.cluster), on a
 2-CPU local cluster this module starts, with the bundled demo model on ort-cpu.
 
 Checks: the outputs equal a local run's bit for bit; a worker killed mid-slide
@@ -28,8 +28,8 @@ except ImportError:
         raise
     pytest.skip("Ray is not installed (optional: pip install 'hexfast[cluster]')", allow_module_level=True)
 
-from hexfast.cluster import DIE_AFTER_ENV  # noqa: E402
-from hexfast.results import outputs_complete  # noqa: E402
+from hexfast.outputs import outputs_complete  # noqa: E402
+from hexfast.score.cluster import DIE_AFTER_ENV  # noqa: E402
 
 DATASETS = ("coords", "codex_prediction", "features")
 

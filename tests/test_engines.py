@@ -23,8 +23,9 @@ ort = pytest.importorskip("onnxruntime", reason="the engine tests need onnxrunti
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import hexfast.engines as engines  # noqa: E402
+from hexfast.bench.measure import measure  # noqa: E402
 from hexfast.engines import BACKENDS, BackendUnavailable, EngineClosedError, EngineError, ModelFileError  # noqa: E402
-from hexfast.engines import _cuda, create_engine, measure  # noqa: E402
+from hexfast.engines import _cuda, create_engine, devices  # noqa: E402
 from hexfast.engines import trt as trt_mod  # noqa: E402
 from hexfast.engines.ort import OrtEngine  # noqa: E402
 from hexfast.errors import HexfastError  # noqa: E402
@@ -32,7 +33,7 @@ from hexfast.errors import HexfastError  # noqa: E402
 RNG = np.random.default_rng(7)
 W_MARKERS = RNG.standard_normal((3, 40)).astype(np.float32)
 W_EMBED = RNG.standard_normal((3, 8)).astype(np.float32)
-HAS_GPU = _cuda.device_count() > 0
+HAS_GPU = devices.device_count() > 0
 
 
 def reference(tiles: np.ndarray) -> dict[str, np.ndarray]:
@@ -489,8 +490,8 @@ def fake_trt(monkeypatch):
     rt = FakeCudart()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(executed=executed))
     monkeypatch.setattr(_cuda, "cudart", lambda: rt)
-    monkeypatch.setattr(_cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(_cuda, "device_name", lambda device_id=0: "Fake GPU")
+    monkeypatch.setattr(devices, "device_count", lambda: 1)
+    monkeypatch.setattr(devices, "device_name", lambda device_id=0: "Fake GPU")
     rt.executed = executed
     return rt
 

@@ -3,9 +3,7 @@ the official heads checkpoint, determinism of the shipped demo bundle, and bad i
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,36 +12,26 @@ torch = pytest.importorskip("torch", reason="hexfast export needs torch (pip ins
 ort = pytest.importorskip("onnxruntime", reason="hexfast export needs onnxruntime")
 pytest.importorskip("onnx", reason="hexfast export needs onnx")
 
-from conftest import shared_file  # noqa: E402
+from conftest import hexfast, one_line_error, shared_file  # noqa: E402
 from export_helpers import musk_file_state, save  # noqa: E402
 from hexfast.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
-from hexfast.mica_stream import INITIAL_LSE  # noqa: E402
+from hexfast.score.mica_stream import INITIAL_LSE  # noqa: E402
 from hexfast_export import MuskConfig  # noqa: E402
 
 SHALLOW = MuskConfig(depth=2, dim=1024, heads=16, ffn_dim=512)  # full 384 input, dim 1024 for the official heads
 SHALLOW_FLAG = "depth=2,ffn_dim=512"
 VOLATILE = ("created", "files", "environment")  # differ between runs / machines by nature
+PARITY_FIGURES = ("parity", "parity_streamed")  # measured at export: depend on the CPU's kernels
 
 
-def hexfast(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hexfast", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def one_line_error(result, *fragments) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def stable(manifest: dict) -> dict:
-    """Manifest content that must not change when the same export is run again (parity figures depend on the
-    CPU's kernels, so they are compared separately)."""
+    """Manifest content that must not change when the same export is run again (the parity figures are
+    compared separately)."""
     out = {k: v for k, v in manifest.items() if k not in VOLATILE}
-    out["models"] = {name: {k: v for k, v in entry.items() if k != "parity"} for name, entry in manifest["models"].items()}
+    out["models"] = {name: {k: v for k, v in entry.items() if k not in PARITY_FIGURES}
+                     for name, entry in manifest["models"].items()}
     return out
 
 
@@ -90,10 +78,11 @@ def test_shipped_demo_bundle_regenerates_identically(tmp_path):
     assert stable(fresh) == stable(shipped)
     assert set(fresh["files"]) == set(shipped["files"])
     for name, entry in fresh["models"].items():
-        for precision, figures in entry["parity"].items():
-            for output, value in figures.items():
-                assert value <= max(10 * shipped["models"][name]["parity"][precision][output], 1e-6), \
-                    (name, precision, output)
+        for kind in (k for k in PARITY_FIGURES if k in entry):
+            for precision, figures in entry[kind].items():
+                for output, value in figures.items():
+                    assert value <= max(10 * shipped["models"][name][kind][precision][output], 1e-6), \
+                        (name, kind, precision, output)
     import onnx
 
     same_tools = (shipped["environment"]["torch"] == torch.__version__.split("+")[0]

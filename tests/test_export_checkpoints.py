@@ -17,7 +17,6 @@ from hexfast_export import (  # noqa: E402
     MuskConfig,
     build_hex,
     load_dinov2,
-    load_hex,
     load_mica,
     load_musk,
     read_state_dict,

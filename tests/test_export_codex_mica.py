@@ -24,8 +24,16 @@ from export_helpers import musk_file_state, save  # noqa: E402
 from hexfast_export import Dinov2Config, Dinov2Encoder, Mica, MicaConfig, MuskConfig, build_hex  # noqa: E402
 from hexfast_export.codex_preprocess import CodexPreprocess, PilBicubicResize, quantise  # noqa: E402
 from hexfast_export.onnx_export import (  # noqa: E402
-    CodexGraph, codex_parity, convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, hex_parity,
-    mica_parity, onnx_session, worst,
+    CodexGraph,
+    codex_parity,
+    convert_fp16,
+    export_codex_onnx,
+    export_hex_onnx,
+    export_mica_onnx,
+    hex_parity,
+    mica_parity,
+    onnx_session,
+    worst,
 )
 
 FP32, FP16 = 1e-4, 1e-2

@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch", reason="hexfast_export needs torch (pip ins
 
 from torch import nn  # noqa: E402
 
+from hexfast.score.mica_stream import INITIAL_LSE  # noqa: E402
 from hexfast_export import Mica, MicaConfig  # noqa: E402
-from hexfast.mica_stream import INITIAL_LSE  # noqa: E402
 
 
 def randomise(model, seed=0):

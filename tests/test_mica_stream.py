@@ -1,10 +1,10 @@
-"""hexfast.mica_stream: MICA over a slide's features in chunks (runtime side, numpy + ONNX Runtime)."""
+"""hexfast.score.mica_stream: MICA over a slide's features in chunks (runtime side, numpy + ONNX Runtime)."""
 
 import numpy as np
 import pytest
 
 from hexfast.bundle import load_bundle
-from hexfast.mica_stream import AttentionRanking, stream_mica
+from hexfast.score.mica_stream import AttentionRanking, stream_mica
 
 
 def ranked(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

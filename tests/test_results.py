@@ -16,16 +16,16 @@ from PIL import Image
 
 from conftest import write_tiff
 from hexfast import open_slide, tile_slide
-from hexfast.codex_grid import codex_encoder_input, encoder_input, grid_shape, occupancy, virtual_codex
+from hexfast.bundle import Bundle
 from hexfast.errors import OutputError
 from hexfast.markers import MARKERS
-from hexfast.ome_tiff import half, pyramid, write_ome_tiff
-from hexfast.overview import DEFAULT_MARKERS, marker_range, render_overview, write_overview_png
-from hexfast.report import (
-    DEMO_WARNING, build_report, bundle_provenance, mica_from_outputs, mica_summary, to_jsonable, write_report_json,
-)
-from hexfast.results import BundleInfo, SlideWriter, output_paths, outputs_complete, write_slide_outputs
-from hexfast.scores_h5 import ScoresH5, tissue_fraction, write_scores_h5
+from hexfast.outputs import SlideWriter, output_paths, outputs_complete
+from hexfast.outputs.ome_tiff import half, pyramid, write_ome_tiff
+from hexfast.outputs.overview import DEFAULT_MARKERS, marker_range, render_overview, write_overview_png
+from hexfast.outputs.report import DEMO_WARNING, build_report, bundle_provenance, to_jsonable, write_report_json
+from hexfast.outputs.scores_h5 import ScoresH5, tissue_fraction
+from hexfast.score.codex_grid import codex_encoder_input, encoder_input, grid_shape, virtual_codex
+from hexfast.score.mica_stream import AttentionRanking, mica_summary
 
 OME_NS = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
 
@@ -67,6 +67,29 @@ def files_in(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
+def bundle(hash_: str, demo: bool, **manifest) -> Bundle:
+    """A bundle as the outputs see it: hash, demo flag, marker names, the manifest's provenance."""
+    return Bundle(Path("bundle"), {"demo": demo, "markers": list(MARKERS), "tile": {"um": 56.0}, **manifest}, hash_)
+
+
+def stride_grid(slide, grid, pred, coords=None) -> np.ndarray:
+    """The virtual CODEX at one cell per stride, as the pipeline hands it to the outputs."""
+    return virtual_codex(grid.coords if coords is None else coords, pred, grid.stride, slide.dimensions)
+
+
+def write_h5(path, slide, grid, pred, feats, *, bundle_hash="x", demo=False):
+    """All of a grid's tiles at once, through ScoresH5 as the pipeline's writer uses it."""
+    h5 = ScoresH5(path, slide, grid, bundle_hash=bundle_hash, demo=demo,
+                  features_dim=None if feats is None else np.asarray(feats).shape[1])
+    try:
+        if len(grid):
+            h5.append(grid.coords, pred, feats)
+        h5.close()
+    except BaseException:
+        h5.abort()
+        raise
+
+
 def reference_grid(coords, values, step, width, height):
     """The reference's layout, restated independently: whole-slide grid from (0, 0),
     one cell per step, tile in cell (y // step, x // step), later tiles win."""
@@ -90,28 +113,28 @@ def test_virtual_codex_matches_reference_layout():
     values = rng.random((len(coords), 40)).astype(np.float32)
     values[300:] += 10
     coords = np.clip(coords, 0, [w - 1, h - 1])
-    grid, origin = virtual_codex(coords, values, step, (w, h))
-    assert origin == (0, 0)
+    grid = virtual_codex(coords, values, step, (w, h))
     assert grid.shape == (h // step + 1, w // step + 1, 40) == (*grid_shape((w, h), step), 40)
     assert grid.dtype == np.float32
     np.testing.assert_array_equal(grid, reference_grid(coords, values, step, w, h))
-    occ = occupancy(coords, step, grid.shape[:2])
-    assert occ.sum() == len({(x // step, y // step) for x, y in coords.tolist()})
-    assert not grid[~occ].any()  # empty cells are 0
+    occupied = np.zeros(grid.shape[:2], bool)
+    for x, y in coords.tolist():
+        occupied[y // step, x // step] = True
+    assert not grid[~occupied].any()  # empty cells are 0
 
 
 def test_virtual_codex_grid_starts_at_zero_and_skips_outside():
     coords = np.array([[448, 224], [672, 224], [10_000, 0]])
     values = np.arange(6, dtype=np.float32).reshape(3, 2)
-    grid, _ = virtual_codex(coords, values, 224, (1000, 500))
+    grid = virtual_codex(coords, values, 224, (1000, 500))
     assert grid.shape == (3, 5, 2)
     np.testing.assert_array_equal(grid[1, 2], [0, 1])
     np.testing.assert_array_equal(grid[1, 3], [2, 3])
     assert grid[0].sum() == 0 and grid[:, :2].sum() == 0  # nothing shifted to the first tile
     # without the slide size the grid ends at the last tile
-    grid, _ = virtual_codex(coords[:2], values[:2], 224)
+    grid = virtual_codex(coords[:2], values[:2], 224)
     assert grid.shape == (2, 4, 2)
-    empty, _ = virtual_codex(np.zeros((0, 2), np.int64), np.zeros((0, 40)), 224)
+    empty = virtual_codex(np.zeros((0, 2), np.int64), np.zeros((0, 40)), 224)
     assert empty.shape == (0, 0, 40)
 
 
@@ -145,7 +168,7 @@ def test_encoder_input_is_channel_first_with_reference_rounding():
 def test_scores_h5_reads_like_hex_and_mil_tools(scored, tmp_path):
     slide, grid, pred, feats = scored
     path = tmp_path / "synthetic.h5"
-    write_scores_h5(path, slide, grid, pred, feats, bundle_hash="abc123", demo=True)
+    write_h5(path, slide, grid, pred, feats, bundle_hash="abc123", demo=True)
     assert files_in(tmp_path) == ["synthetic.h5", "synthetic.tiff"]
 
     # HEX's virtual_codex_from_h5.py: the two arrays, then its own grid from the slide's MPP bucket.
@@ -157,7 +180,7 @@ def test_scores_h5_reads_like_hex_and_mil_tools(scored, tmp_path):
     mag = 20  # 0.5 µm/px
     step = int(224 / (40 / mag))
     w, h = slide.dimensions
-    ours, _ = virtual_codex(coords, codex_prediction, grid.tile_size, slide.dimensions)
+    ours = virtual_codex(coords, codex_prediction, grid.tile_size, slide.dimensions)
     np.testing.assert_array_equal(ours, reference_grid(coords, codex_prediction, step, w, h))
 
     # CLAM / TRIDENT-style MIL readers: features + coords, patch size/level on coords.
@@ -179,17 +202,17 @@ def test_scores_h5_reads_like_hex_and_mil_tools(scored, tmp_path):
 
 def test_scores_h5_without_features_and_empty(scored, blank_slide, tmp_path):
     slide, grid, pred, _ = scored
-    write_scores_h5(tmp_path / "a.h5", slide, grid, pred, None, bundle_hash="x", demo=False)
+    write_h5(tmp_path / "a.h5", slide, grid, pred, None)
     with h5py.File(tmp_path / "a.h5", "r") as f:
         assert "features" not in f and not f.attrs["has_features"] and not f.attrs["demo"]
     with open_slide(blank_slide) as blank:
         empty = tile_slide(blank)
         assert len(empty) == 0
-        write_scores_h5(tmp_path / "b.h5", blank, empty, np.zeros((0, 40)), np.zeros((0, 1024)), bundle_hash="x", demo=False)
+        write_h5(tmp_path / "b.h5", blank, empty, np.zeros((0, 40)), np.zeros((0, 1024)))
     with h5py.File(tmp_path / "b.h5", "r") as f:
         assert f["coords"][:].shape == (0, 2) and f["codex_prediction"][:].shape == (0, 40)
     with pytest.raises(ValueError, match="codex_prediction"):
-        write_scores_h5(tmp_path / "c.h5", slide, grid, pred[:, :39], None, bundle_hash="x", demo=False)
+        write_h5(tmp_path / "c.h5", slide, grid, pred[:, :39], None)
     assert not (tmp_path / "c.h5").exists()
 
 
@@ -253,7 +276,7 @@ import sys
 sys.modules["imagecodecs"] = None  # import fails as if absent
 import numpy as np, tifffile
 from pathlib import Path
-from hexfast.ome_tiff import write_ome_tiff
+from hexfast.outputs.ome_tiff import write_ome_tiff
 from hexfast.markers import MARKERS
 g = np.random.default_rng(0).random((270, 20, 40)).astype(np.float32)
 p = Path({str(tmp_path)!r}) / "n.ome.tif"
@@ -277,16 +300,17 @@ def red_fraction(img: Image.Image, box) -> float:
 
 def test_overview_demo_banner_and_panels(scored):
     slide, grid, pred, _ = scored
-    demo = render_overview(slide, grid, pred, demo=True)
-    real = render_overview(slide, grid, pred, demo=False)
+    codex = stride_grid(slide, grid, pred)
+    demo = render_overview(slide, grid, pred, codex, demo=True)
+    real = render_overview(slide, grid, pred, codex, demo=False)
     assert demo.mode == "RGB" and 900 < demo.width < 2000
     assert red_fraction(demo, (0, 0, demo.width, 20)) > 0.8  # red band across the top
     assert red_fraction(demo, (0, demo.height - 3, demo.width, demo.height)) > 0.8  # and a frame
     assert red_fraction(real, (0, 0, real.width, real.height)) < 0.001
-    every = render_overview(slide, grid, pred, demo=False, show="all")
+    every = render_overview(slide, grid, pred, codex, demo=False, show="all")
     assert every.height > real.height
     with pytest.raises(ValueError, match="unknown marker"):
-        render_overview(slide, grid, pred, demo=False, show=["CD8", "CD999"])
+        render_overview(slide, grid, pred, codex, demo=False, show=["CD8", "CD999"])
     assert set(DEFAULT_MARKERS) <= set(MARKERS) and len(DEFAULT_MARKERS) == 12
 
 
@@ -296,7 +320,7 @@ def test_overview_heatmap_follows_the_values(scored):
     pred = np.zeros_like(pred)
     i = MARKERS.index("CD8")
     pred[:, i] = (grid.coords[:, 0] < 1200).astype(np.float32)
-    img = np.asarray(render_overview(slide, grid, pred, demo=False, show=["CD8"]))
+    img = np.asarray(render_overview(slide, grid, pred, stride_grid(slide, grid, pred), demo=False, show=["CD8"]))
     yellow = (img[..., 0] > 200) & (img[..., 1] > 180) & (img[..., 2] < 100)
     ys, xs = np.nonzero(yellow)
     assert len(xs) > 500
@@ -321,7 +345,7 @@ def test_overview_cmu_small(cmu_small, tmp_path):
         ds = grid.tissue.downsample
         rgb = np.array([th[int(y / ds), int(x / ds)] for x, y in grid.coords.tolist()])
         pred = 1 / (1 + np.exp(-(rgb - rgb.mean(0)) @ np.random.default_rng(0).standard_normal((3, 40)) / 40))
-        write_overview_png(tmp_path / "overview.png", slide, grid, pred, demo=True)
+        write_overview_png(tmp_path / "overview.png", slide, grid, pred, stride_grid(slide, grid, pred), demo=True)
     img = Image.open(tmp_path / "overview.png")
     assert img.format == "PNG" and img.width > 800
     assert files_in(tmp_path) == ["overview.png"]
@@ -334,10 +358,10 @@ def test_report_json(scored, tmp_path):
     slide, grid, pred, _ = scored
     n = len(grid)
     att = np.random.default_rng(5).random((40, n))
-    mica = mica_summary(
-        np.float32([0.1, 0.2, 0.3, 0.4]), np.array([0.9, 0.72, 0.5, 0.3]), np.float32(-2.42),
-        coattention=att, coords=grid.coords, top_k=5,
-    )
+    ranking = AttentionRanking(40, 5)
+    ranking.add(att)
+    mica = mica_summary(np.float32([0.1, 0.2, 0.3, 0.4]), np.array([0.9, 0.72, 0.5, 0.3]), np.float32(-2.42),
+                        coords=grid.coords, ranking=ranking)
     report = build_report(
         slide, grid, seconds={"tiling": np.float64(0.5), "inference": 1.5}, backend="onnxruntime-cpu",
         bundle_hash="deadbeef", demo=True, mica=mica,
@@ -371,11 +395,25 @@ def test_report_rejects_what_json_cannot_hold(tmp_path):
         write_report_json(tmp_path / "report.json", {"x": object()})
     assert files_in(tmp_path) == []
     assert to_jsonable({"a": np.int64(3), "b": (np.float32(1.5), Path("/x"))}) == {"a": 3, "b": [1.5, "/x"]}
-    with pytest.raises(ValueError, match="coattention"):
-        mica_summary([0.1] * 4, [0.9] * 4, -1.0, coattention=np.zeros((40, 3)), coords=np.zeros((4, 2)))
+    ranking = AttentionRanking(40, 10)
+    ranking.add(np.zeros((40, 3)))
+    with pytest.raises(ValueError, match="saw 3 tiles, not 4"):
+        mica_summary([0.1] * 4, [0.9] * 4, -1.0, coords=np.zeros((4, 2)), ranking=ranking)
 
 
 # ---------------------------------------------------------------- atomic writes
+
+
+def test_stale_temps_are_only_temp_name_files(tmp_path):
+    from hexfast.files import remove_stale_temps, temp_name
+
+    keep = [".hidden", "a.tmp", ".a.h5.tmp", "a.h5.123.tmp", "report.json"]
+    for name in [*keep, temp_name(tmp_path / "a.h5").name, ".virtual_codex.ome.tif.4711.tmp"]:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temps(tmp_path)
+    assert files_in(tmp_path) == sorted(keep)
+    remove_stale_temps(tmp_path / "missing")  # nothing there: nothing to do
+
 
 
 def assert_one_line_output_error(excinfo, path: Path):
@@ -399,7 +437,7 @@ def test_h5_failure_midway_leaves_nothing(scored, tmp_path, monkeypatch):
         return real(self, key, value)
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", failing)
-    monkeypatch.setattr("hexfast.scores_h5.FLUSH_ROWS", 8)  # every batch goes to disk
+    monkeypatch.setattr("hexfast.outputs.scores_h5.FLUSH_ROWS", 8)  # every batch goes to disk
     h5 = ScoresH5(path, slide, grid, bundle_hash="x", demo=False)
     h5.append(grid.coords[:10], pred[:10], feats[:10])
     with pytest.raises(OutputError) as e:
@@ -415,7 +453,7 @@ def test_h5_cannot_be_created(scored, tmp_path):
     slide, grid, pred, _ = scored
     path = tmp_path / "missing-dir" / "s.h5"
     with pytest.raises(OutputError) as e:
-        write_scores_h5(path, slide, grid, pred, None, bundle_hash="x", demo=False)
+        write_h5(path, slide, grid, pred, None)
     assert_one_line_output_error(e, path)
 
 
@@ -447,7 +485,7 @@ def test_png_failure_leaves_nothing(scored, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", failing)
     with pytest.raises(OutputError) as e:
-        write_overview_png(tmp_path / "overview.png", slide, grid, pred, demo=False)
+        write_overview_png(tmp_path / "overview.png", slide, grid, pred, stride_grid(slide, grid, pred), demo=False)
     assert_one_line_output_error(e, tmp_path / "overview.png")
     assert files_in(tmp_path) == ["synthetic.tiff"]
 
@@ -455,15 +493,16 @@ def test_png_failure_leaves_nothing(scored, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the whole set, and --resume
 
 
-def write_all(out, slide, grid, pred, feats, **kw):
-    args = dict(
-        slide=slide, grid=grid, codex_prediction=pred, features=feats, bundle_hash="b" * 64, demo=True,
-        seconds={"inference": 1.0, "total": 2.0}, backend="onnxruntime-cpu",
-    )
-    return write_slide_outputs(out, "synthetic", **(args | kw))
+def write_all(out, slide, grid, pred, feats, mica=None):
+    """A slide's whole set, through SlideWriter as the pipeline writes it."""
+    with SlideWriter(out, slide, grid, bundle("b" * 64, demo=True), "onnxruntime-cpu") as writer:
+        writer.append(grid.coords, pred, feats)
+        writer.finish(grid.coords, pred, stride_grid(slide, grid, pred), mica=mica,
+                      seconds={"inference": 1.0, "total": 2.0})
+    return writer.paths
 
 
-def test_write_slide_outputs_and_resume_check(scored, tmp_path):
+def test_slide_outputs_and_resume_check(scored, tmp_path):
     slide, grid, pred, feats = scored
     out = tmp_path / "out"
     assert not outputs_complete(out, "synthetic")
@@ -520,31 +559,29 @@ def test_failed_rewrite_is_not_complete(scored, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flush_rows", [16, 4096])
 def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monkeypatch, flush_rows):
-    monkeypatch.setattr("hexfast.scores_h5.FLUSH_ROWS", flush_rows)
+    monkeypatch.setattr("hexfast.outputs.scores_h5.FLUSH_ROWS", flush_rows)
     slide, grid, pred, feats = scored
     keep = np.ones(len(grid), bool)
     keep[[3, 17]] = False  # tiles the stream could not read
     skipped = [(3, *grid.coords[3].tolist(), "JPEG error"), (17, *grid.coords[17].tolist(), "JPEG error")]
     coords, pred, feats = grid.coords[keep], pred[keep], feats[keep]
     n = len(coords)
-    bundle = BundleInfo("f" * 64, demo=False, manifest={"exporter": "hexfast_export 0.1.0", "demo": False})
-    writer = SlideWriter(tmp_path / "out", slide, grid, bundle, "onnxruntime-cpu")
+    writer = SlideWriter(tmp_path / "out", slide, grid, bundle("f" * 64, demo=False, exporter="hexfast_export 0.1.0"),
+                         "onnxruntime-cpu")
     for i in range(0, n, 7):  # batches smaller than a chunk
         writer.append(coords[i : i + 7], pred[i : i + 7], feats[i : i + 7])
     for rows in (5, 4096):  # read back for MICA, a chunk at a time
         np.testing.assert_array_equal(np.concatenate(list(writer.feature_chunks(rows))), feats)
     assert all(len(c) <= 5 for c in writer.feature_chunks(5))
     att = np.random.default_rng(7).random((40, n)).astype(np.float32)
-    engine_out = {"hazards": np.float32([[0.1, 0.2, 0.3, 0.4]]), "survival": np.float32([[0.9, 0.7, 0.5, 0.3]]),
-                  "risk": np.float32([-2.4]), "coattn": att}
-
-    class Result:  # the pipeline's SlideResult, as far as the writer looks
-        mica = engine_out
-        seconds = {"stream+hex": 3.0, "hex engine": 2.5}
-        tiles_per_s = n / 3.0
-
-    Result.skipped = skipped
-    paths = writer.finish(Result())
+    ranking = AttentionRanking(40, 10)
+    ranking.add(att)
+    mica = mica_summary(np.float32([[0.1, 0.2, 0.3, 0.4]]), np.float32([[0.9, 0.7, 0.5, 0.3]]), np.float32([-2.4]),
+                        coords=coords, ranking=ranking)
+    with pytest.raises(ValueError, match="got 3 tiles"):
+        writer.finish(coords[:3], pred[:3], stride_grid(slide, grid, pred[:3], coords[:3]))
+    paths = writer.finish(coords, pred, stride_grid(slide, grid, pred, coords), mica=mica,
+                          seconds={"stream+hex": 3.0, "hex engine": 2.5}, skipped=skipped, tiles_per_s=n / 3.0)
     writer.abort()  # after success: a no-op
     assert set(paths) == {"h5", "ome_tiff", "overview", "report"}
     assert outputs_complete(tmp_path / "out", "synthetic", bundle_hash="f" * 64)
@@ -576,7 +613,7 @@ def test_slide_writer_abort_leaves_no_partial_file(scored, tmp_path):
     slide, grid, pred, feats = scored
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        with SlideWriter(out, slide, grid, BundleInfo("a" * 64, True), "cpu") as writer:
+        with SlideWriter(out, slide, grid, bundle("a" * 64, True), "cpu") as writer:
             writer.append(grid.coords[:5], pred[:5], feats[:5])
             raise RuntimeError("engine failed")
     assert not (out / "synthetic").exists()  # not even an empty directory
@@ -603,5 +640,3 @@ def test_bundle_provenance_from_a_manifest():
     assert p["sources"] == manifest["sources"] and p["mica_features"] == "hex-embedding"
     assert p["models"] == {"hex": {"parity": {"fp32": {"markers": 1e-6}}}}
     assert "files" not in p and "markers" not in p
-    summary = mica_summary([0.1] * 4, [0.9] * 4, -1.0)
-    assert mica_from_outputs(summary, np.zeros((0, 2))) == summary

@@ -31,14 +31,15 @@ import tifffile
 from PIL import Image
 
 import hexfast
+from conftest import hexfast as hexfast_cli
 from conftest import shared_file
 from hexfast import cli
 from hexfast.bundle import DEFAULT_BUNDLE, load_bundle
 from hexfast.errors import SlideError
 from hexfast.markers import MARKERS
-from hexfast.mica_stream import INITIAL_LSE
-from hexfast.pipeline import Cancelled
-from hexfast.results import outputs_complete
+from hexfast.outputs import outputs_complete
+from hexfast.score.mica_stream import INITIAL_LSE
+from hexfast.score.pipeline import Cancelled
 
 FOUR = ["{stem}.h5", "virtual_codex.ome.tif", "overview.png", "report.json"]
 OME_NS = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
@@ -48,10 +49,6 @@ CMU_STEM = "CMU-1-Small-Region"
 
 # ---------------------------------------------------------------- helpers
 
-
-def hexfast_cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hexfast", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
@@ -630,7 +627,7 @@ def test_ctrl_c_and_sigterm_exit_cleanly_and_leave_no_partial_outputs(cmu, tmp_p
 
 
 def test_import_hexfast_stays_light():
-    code = "import sys, hexfast; print('onnxruntime' in sys.modules, 'hexfast.pipeline' in sys.modules)"
+    code = "import sys, hexfast; print('onnxruntime' in sys.modules, 'hexfast.score.pipeline' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["False", "False"], r.stderr
-    assert hexfast.Scorer is hexfast.pipeline.Scorer and "Scorer" in hexfast.__all__
+    assert hexfast.Scorer is hexfast.score.pipeline.Scorer and "Scorer" in hexfast.__all__

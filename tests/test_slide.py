@@ -7,9 +7,8 @@ import pytest
 from PIL import Image
 
 import hexfast
-from hexfast.slide import tile_spec_for_mpp
-
 from conftest import write_tiff
+from hexfast.slide import tile_spec_for_mpp
 
 
 def test_cmu_small_metadata(cmu_small):

@@ -17,9 +17,8 @@ from torchstain.numpy.utils.rgb2lab import rgb2lab
 from torchstain.numpy.utils.split import lab_merge, lab_split
 
 import hexfast
-from hexfast import _core
-
 from conftest import shared_file
+from hexfast import _core
 
 IO, ALPHA, BETA = 240, 1, 0.15
 REF_XY, REF_SIZE = (1120, 896), 224  # the Reinhard reference tile (see stain.cpp)

@@ -225,7 +225,7 @@ def test_stain_normalisation_in_the_workers_applies_one_slide_estimate(cmu, read
     to the plain tile, then resized; background tiles (which break per-tile
     estimates) go through without failing."""
     from hexfast import _core
-    from hexfast.stain import estimate_stain
+    from hexfast.stream import estimate_stain
 
     slide, grid = cmu
     w, h = slide.dimensions
@@ -254,7 +254,8 @@ def test_stain_normalisation_in_the_workers_applies_one_slide_estimate(cmu, read
 
 
 def test_stain_estimate_comes_from_a_sample_of_the_grid(cmu):
-    from hexfast.stain import estimate_stain, sample_coords
+    from hexfast.stream import estimate_stain
+    from hexfast.stream.stain import sample_coords
 
     slide, grid = cmu
     picked = sample_coords(grid.coords, 32)

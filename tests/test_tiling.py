@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 
 import hexfast
-
 from conftest import write_tiff
 
 

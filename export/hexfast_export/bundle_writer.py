@@ -15,7 +15,7 @@ on real H&E tiles (the CMU-1-Small-Region crops shipped in data/, plus any
 `parity_tiles` given), the CODEX encoder on seeded synthetic grids of several
 sizes (sparse, values like HEX predictions), MICA's chunk step on seeded
 Gaussian bags of 1, 37 and 1000 tiles from the empty and from a mid-slide
-state, and MICA streamed in chunks of 300 tiles (hexfast.mica_stream) against
+state, and MICA streamed in chunks of 300 tiles (hexfast.score.mica_stream) against
 torch's whole-bag forward ("parity_streamed").
 """
 
@@ -37,7 +37,7 @@ from hexfast import __version__
 from hexfast.bundle import SCHEMA, sha256_file
 from hexfast.errors import HexfastError
 from hexfast.markers import MARKERS
-from hexfast.mica_stream import INITIAL_LSE
+from hexfast.score.mica_stream import INITIAL_LSE
 
 from .hex_model import HexModel
 from .mica import Mica

@@ -268,7 +268,7 @@ class Mica(nn.Module):
     def forward_chunk(self, h_path: torch.Tensor, h_codex: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor):
         """One chunk of a slide's tiles, carrying the co-attention's softmax as a running state.
 
-        lse [40]: log-sum-exp of the scores seen so far (hexfast.mica_stream.INITIAL_LSE before the first chunk);
+        lse [40]: log-sum-exp of the scores seen so far (hexfast.score.mica_stream.INITIAL_LSE before the first chunk);
         mean [40, d]: softmax-weighted mean of their values (zeros before the first chunk).
         Returns (hazards, survival, risk, scores [40, n], lse, mean): after the last chunk the
         first three are forward()'s, and exp(scores - lse) are its coattn columns."""

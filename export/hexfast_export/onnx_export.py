@@ -16,11 +16,11 @@ Pillow-exact bicubic resize to 224 (codex_preprocess.py), ImageNet mean/std
 MICA graph, one chunk of a slide's tiles at a time (Mica.forward_chunk):
 `h_path` float32 [n, 1024] (dynamic n), `h_codex` float32 [40, 384],
 `coattn_lse_in` [40], `coattn_mean_in` [40, 256] (the online softmax's state;
-hexfast.mica_stream.INITIAL_LSE and zeros before the first chunk) → `hazards` [1, 4],
+hexfast.score.mica_stream.INITIAL_LSE and zeros before the first chunk) → `hazards` [1, 4],
 `survival` [1, 4], `risk` [1], `coattn_scores` [40, n], `coattn_lse` [40],
 `coattn_mean` [40, 256]. The runtime feeds each chunk the previous chunk's
 state; the last chunk's hazards/survival/risk are the slide's, and
-exp(coattn_scores - coattn_lse) the co-attention weights (hexfast.mica_stream).
+exp(coattn_scores - coattn_lse) the co-attention weights (hexfast.score.mica_stream).
 
 fp16 variants (`convert_fp16`): every float tensor except the graph inputs and
 outputs, the `/preprocess/` block and MICA's `/accumulate/` (online softmax) becomes float16 (ONNX Runtime's float16
@@ -210,9 +210,9 @@ def codex_parity(encoder: nn.Module, session, codex: np.ndarray, quantisation: s
 
 def mica_parity(mica: Mica, session, h_path: np.ndarray, h_codex: np.ndarray, chunk: int = 300
                 ) -> dict[str, dict[str, float]]:
-    """The ONNX chunk graph streamed over one slide's bag (hexfast.mica_stream) vs torch's
+    """The ONNX chunk graph streamed over one slide's bag (hexfast.score.mica_stream) vs torch's
     whole-bag Mica.forward: hazards, survival, risk and the co-attention weights [40, N]."""
-    from hexfast.mica_stream import stream_mica
+    from hexfast.score.mica_stream import stream_mica
 
     h_path = np.ascontiguousarray(h_path, dtype=np.float32)
     h_codex = np.ascontiguousarray(h_codex, dtype=np.float32)

@@ -1,15 +1,16 @@
-"""hexfast: fast whole-slide inference for HEX and MICA."""
+"""hexfast: fast whole-slide inference for HEX and MICA.
 
-from importlib.metadata import PackageNotFoundError, version
+The package is laid out as the data flows (imports point one way, down this list):
 
-try:
-    __version__ = version("hexfast")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+    cli/      the `hexfast` command                       bench/    benchmark internals
+    score/    slides -> results: Scorer, Ray cohorts       outputs/  h5, OME-TIFF, PNG, report
+    engines/  ONNX Runtime, TensorRT, torch programs       stream/   tiles -> batches (C++ workers)
+    slide/    slide -> tile grid (C++ tissue detection)    errors, markers, bundle, files: the base
+"""
 
+from ._core import __version__
 from .errors import HexfastError, OutputError, SlideError
-from .slide import Slide, open_slide
-from .tiling import TileGrid, TissueParams, detect_tissue, tile_slide
+from .slide import Slide, TileGrid, TissueParams, detect_tissue, open_slide, tile_slide
 
 __all__ = [
     "Cancelled",
@@ -27,16 +28,16 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"Scorer": "pipeline", "SlideResult": "pipeline", "Cancelled": "pipeline"}
+_LAZY = {"Scorer", "SlideResult", "Cancelled"}
 
 
 def __getattr__(name: str):
     """hexfast.Scorer and friends, imported on first use: `import hexfast` stays light
     (no engines, no onnxruntime) for the slide and tiling API."""
     if name in _LAZY:
-        from importlib import import_module
+        from .score import pipeline
 
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(pipeline, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,7 +36,6 @@ from .errors import HexfastError
 
 SCHEMA = 2  # 2: MICA's graph is a chunk step with an online-softmax state (schema 1: all tiles at once)
 MANIFEST = "manifest.json"
-MODEL_NAMES = ("hex", "codex_encoder", "mica")
 PRECISIONS = ("fp32", "fp16")
 MICA_FEATURES = ("hex-embedding",)  # tile features hexfast can give MICA (the HEX backbone's CLS embedding)
 REQUIRED_KEYS = ("schema", "demo", "exporter", "markers", "tile", "input_normalisation", "models", "files")

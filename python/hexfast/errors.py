@@ -7,7 +7,20 @@ import os
 
 
 class HexfastError(Exception):
-    """Base class for errors hexfast reports to the user."""
+    """Base class for errors hexfast reports to the user.
+
+    Pickles with its attributes, whatever its subclass's __init__ takes, so an error raised on a
+    Ray worker reaches the driver as itself."""
+
+    def __reduce__(self):
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls, args, state):
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class SlideError(HexfastError):

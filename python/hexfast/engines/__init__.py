@@ -32,7 +32,6 @@ from . import torch_backend as _torch
 from . import trt as _trt
 from .base import PRECISIONS, Engine, TensorSpec, check_precision, log
 from .errors import BackendUnavailable, EngineClosedError, EngineError, ModelFileError
-from .measure import measure
 from .trt import plan_meta_path, plan_path
 
 BACKENDS = ("auto", "trt", "ort-trt", "ort-cuda", "ort-cpu", "torch")
@@ -51,7 +50,6 @@ __all__ = [
     "TensorSpec",
     "available_backends",
     "create_engine",
-    "measure",
     "plan_meta_path",
     "plan_path",
 ]

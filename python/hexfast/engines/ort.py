@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _cuda
+from . import devices
 from .base import Engine, TensorSpec, check_model_file
 from .errors import BackendUnavailable, EngineError, ModelFileError, one_line
 
@@ -67,7 +67,7 @@ def problem(backend: str) -> BackendUnavailable | None:
         return None
     if PROVIDER[backend] not in ort.get_available_providers():
         return BackendUnavailable(backend, _NEEDS_PACKAGE[backend])
-    if _cuda.device_count() == 0:
+    if devices.device_count() == 0:
         return BackendUnavailable(backend, "needs an NVIDIA GPU with its driver; onnxruntime-gpu is installed "
                                            "but no CUDA device is visible")
     return None
@@ -225,8 +225,8 @@ class OrtEngine(Engine):
     def _describe_device(self) -> str:
         if self.backend == "ort-cpu":
             threads = self.threads or os.cpu_count()
-            return f"{_cuda.cpu_name()} ({threads} threads)"
-        return f"{_cuda.device_name(self.device_id)} (cuda:{self.device_id})"
+            return f"{devices.cpu_name()} ({threads} threads)"
+        return f"{devices.device_name(self.device_id)} (cuda:{self.device_id})"
 
     def _release(self) -> None:
         self._in_values.clear()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _cuda
+from . import devices
 from .base import Engine, TensorSpec, check_model_file
 from .errors import BackendUnavailable, ModelFileError, one_line
 
@@ -46,7 +46,7 @@ def cuda_build_and_gpu() -> bool:
         version = importlib.metadata.version("torch")
     except importlib.metadata.PackageNotFoundError:
         return False
-    return "+cpu" not in version and "+rocm" not in version and _cuda.device_count() > 0
+    return "+cpu" not in version and "+rocm" not in version and devices.device_count() > 0
 
 
 def problem(model_path, backend: str = "torch") -> BackendUnavailable | None:
@@ -121,7 +121,7 @@ class TorchEngine(Engine):
     def _describe_device(self) -> str:
         if self.device.type == "cuda":
             return f"{self._torch.cuda.get_device_name(self.device)} ({self.device})"
-        return f"{_cuda.cpu_name()} (cpu, {self._torch.get_num_threads()} threads)"
+        return f"{devices.cpu_name()} (cpu, {self._torch.get_num_threads()} threads)"
 
     def _release(self) -> None:
         self._module = None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _cuda
+from . import _cuda, devices
 from .base import Engine, TensorSpec, check_model_file, log
 from .errors import BackendUnavailable, EngineError, ModelFileError, one_line
 
@@ -47,23 +47,30 @@ def import_trt():
     return importlib.import_module("tensorrt")
 
 
-def problem(backend: str = "trt") -> BackendUnavailable | None:
-    """Why native TensorRT cannot run on this machine (tensorrt, cuda-python, a GPU), or None."""
+def tensorrt_problem() -> str | None:
+    """What is missing for TensorRT 10's Python package to be used here ("needs ..."), or None.
+    Shared by this backend and `hexfast build-engines` (engines.build)."""
     try:
         trt = import_trt()
     except ImportError:
-        return BackendUnavailable(backend, "needs TensorRT 10's Python package (pip install tensorrt)")
+        return "needs TensorRT 10's Python package (pip install tensorrt)"
     except Exception as exc:  # noqa: BLE001 - a broken install (missing libnvinfer) raises OSError etc.
-        return BackendUnavailable(backend, f"needs a working TensorRT install (import tensorrt failed: {one_line(exc)})")
-    major = _major(getattr(trt, "__version__", "0"))
-    if major < 10:
-        return BackendUnavailable(backend, f"needs TensorRT 10 or newer (found {trt.__version__}; "
-                                           f"pip install 'tensorrt>=10')")
+        return f"needs a working TensorRT install (import tensorrt failed: {one_line(exc)})"
+    if _major(getattr(trt, "__version__", "0")) < 10:
+        return f"needs TensorRT 10 or newer (found {trt.__version__}; pip install 'tensorrt>=10')"
+    return None
+
+
+def problem(backend: str = "trt") -> BackendUnavailable | None:
+    """Why native TensorRT cannot run on this machine (tensorrt, cuda-python, a GPU), or None."""
+    why = tensorrt_problem()
+    if why is not None:
+        return BackendUnavailable(backend, why)
     try:
         _cuda.cudart()
     except ImportError:
         return BackendUnavailable(backend, "needs cuda-python for pinned and device memory (pip install cuda-python)")
-    if _cuda.device_count() == 0:
+    if devices.device_count() == 0:
         return BackendUnavailable(backend, "needs an NVIDIA GPU with its driver; no CUDA device is visible")
     return None
 
@@ -106,7 +113,7 @@ class TrtEngine(Engine):
             if self.meta.get("tensorrt") or self.meta.get("gpu"):
                 built = f" (built with TensorRT {self.meta.get('tensorrt', '?')} on {self.meta.get('gpu', '?')})"
             raise ModelFileError(self.plan_path, f"TensorRT {trt.__version__} cannot load this plan{built} on "
-                                                 f"{_cuda.device_name(self.device_id)}; rebuild it with "
+                                                 f"{devices.device_name(self.device_id)}; rebuild it with "
                                                  f"`hexfast build-engines`")
         self._engine = engine
         self._context = engine.create_execution_context()
@@ -194,7 +201,7 @@ class TrtEngine(Engine):
         return f"TensorRT {self._trt.__version__}, plan {self.plan_path}"
 
     def _describe_device(self) -> str:
-        return f"{_cuda.device_name(self.device_id)} (cuda:{self.device_id})"
+        return f"{devices.device_name(self.device_id)} (cuda:{self.device_id})"
 
     def _release(self) -> None:
         rt = getattr(self, "_rt", None)

@@ -1,0 +1,228 @@
+"""`hexfast score` and `hexfast demo`: the product as users meet it.
+
+One loop renders every run, local or on Ray: both scorers yield (path, result or exception) as
+slides finish, and each becomes a line, a warning or an error, and a row of the summary table."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..bundle import load_bundle
+from ..engines import BACKENDS
+from ..errors import SlideError
+from ..files import prepare_output_dir
+from ..outputs import outputs_complete
+from ..slide.synthetic import write_demo_slide
+from ..stream import STAIN_METHODS
+from . import console
+from .console import Row, Summary
+from .types import positive_int
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+
+
+def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.ArgumentParser) -> None:
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--model", type=Path, help="model bundle directory (default: the bundled, untrained demo model)")
+    run.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: fastest available)")
+    run.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    run.add_argument("--batch-size", type=positive_int, default=64)
+    run.add_argument("--threads", type=positive_int, default=2, help="tile-reading threads")
+    run.add_argument("--stain-norm", choices=STAIN_METHODS, default="none",
+                     help="stain normalisation in the readers (default none: HEX was trained without it)")
+    run.add_argument("--stride", type=positive_int, help="level-0 px between tiles (default: tile size)")
+
+    score = sub.add_parser("score", parents=[common, mpp, run],
+                           help="score slides: virtual CODEX (40 markers), features, MICA risk")
+    # "*", checked in cmd_score: `score --ray SLIDE` must not fail in argparse (--ray's optional ADDRESS takes SLIDE)
+    score.add_argument("slides", nargs="*", metavar="SLIDE|DIR|GLOB")
+    score.add_argument("-o", "--out", type=Path, default=Path("hexfast-out"), help="output directory (default hexfast-out)")
+    score.add_argument("--resume", action="store_true", help="skip slides whose outputs are complete")
+    score.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="score on a Ray cluster, one worker per GPU (or --ray-workers CPU workers): "
+                            "--ray alone joins the cluster `ray start` runs here or starts one; "
+                            "--ray auto / HOST:6379 / ray://HOST:10001 connects (pip install 'hexfast[cluster]')")
+    score.add_argument("--ray-workers", type=positive_int, metavar="N",
+                       help="with --ray: number of workers (default: one per GPU; CPU backend: cluster CPUs // 2)")
+    score.set_defaults(run=cmd_score)
+
+    demo = sub.add_parser("demo", parents=[common, run],
+                          help="write a small synthetic H&E slide and score it with the bundled demo model")
+    demo.add_argument("-o", "--out", type=Path, default=Path("hexfast-demo"), help="output directory (default hexfast-demo)")
+    demo.set_defaults(run=cmd_demo, mpp=None, resume=False, ray=None, ray_workers=None)
+
+
+def expand_slides(args: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Slides named by paths, directories (their slide files) and glob patterns;
+    plus (argument, problem) for arguments that name nothing, and for slides whose
+    name (stem) an earlier slide has: both would write OUT/<stem>/."""
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+            if not files:
+                problems.append((arg, "directory holds no slide files (" + ", ".join(sorted(SLIDE_SUFFIXES)) + ")"))
+            found.extend(files)
+        elif not path.exists() and any(c in arg for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(arg))
+            if not matches:
+                problems.append((arg, "no file matches this pattern"))
+            found.extend(matches)
+        else:
+            found.append(path)  # missing files fail per slide, with the usual message
+    by_stem: dict[str, Path] = {}
+    for path in dict.fromkeys(found):
+        if path.stem in by_stem:
+            problems.append((str(path), f"has the same name as {by_stem[path.stem]}, whose outputs go to "
+                                        f"OUT/{path.stem}/ too; score it with another -o"))
+        else:
+            by_stem[path.stem] = path
+    return list(by_stem.values()), problems
+
+
+def cmd_score(args) -> int:
+    if args.ray is not None and _looks_like_slide(args.ray):  # `--ray SLIDE ...`: a slide, not an address
+        args.slides.insert(0, args.ray)
+        args.ray = "local"
+    if not args.slides:  # as argparse words it for nargs="+"
+        print("hexfast score: error: the following arguments are required: SLIDE|DIR|GLOB "
+              "(see hexfast score --help)", file=sys.stderr)
+        return console.EXIT_ERROR
+    if args.ray is not None:
+        from ..score.cluster import import_ray
+
+        import_ray()  # not installed: one line, before anything else happens
+    out = prepare_output_dir(args.out)
+    slides, problems = expand_slides(args.slides)
+    missing = [p for p in slides if not p.exists()]  # fail these before loading a model for them
+    if missing and args.debug:
+        raise SlideError(missing[0], "no such file")
+    problems += [(str(p), "no such file") for p in missing]
+    summary = Summary()
+    for arg, problem in problems:
+        console.error(f"{arg}: {problem}")
+        summary.failed(arg, problem)
+
+    todo = [p for p in slides if p not in missing]
+    if args.resume:  # a slide scored with other weights is not "done"
+        bundle_hash = load_bundle(args.model).hash
+        done = [p for p in todo if outputs_complete(out, p.stem, bundle_hash=bundle_hash)]
+        for path in done:
+            summary.add(Row(path.name, "done before", detail=str(out / path.stem)))
+        if done:
+            console.note(f"--resume: {len(done)} of {len(todo)} slides already complete")
+        todo = [p for p in todo if p not in done]
+
+    if todo:
+        with _open_scorer(args, len(todo)) as scorer:
+            if scorer.bundle.demo:
+                console.warn_demo()
+            console.note(scorer.describe())
+            _score_all(scorer, todo, out, summary, args.debug, tile_bars=args.ray is None)
+    summary.print()
+    return console.EXIT_ERROR if summary.failures else 0
+
+
+def _open_scorer(args, slides: int):
+    """A Scorer here, or a RayScorer over the cluster --ray names: the same score_many."""
+    options = dict(precision=args.precision, batch_size=args.batch_size, threads=args.threads,
+                   stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp)
+    if args.ray is None:
+        from ..score import Scorer
+
+        return Scorer(args.model, args.backend, **options)
+    from ..score.cluster import RayScorer
+
+    return RayScorer(args.ray, args.model, args.backend, workers=args.ray_workers, slides=slides,
+                     log_to_driver=bool(args.debug), **options)
+
+
+def _looks_like_slide(arg: str) -> bool:
+    return Path(arg).exists() or Path(arg).suffix.lower() in SLIDE_SUFFIXES or any(c in arg for c in "*?[")
+
+
+def _score_all(scorer, slides: list[Path], out: Path, summary: Summary, debug: bool, tile_bars: bool) -> None:
+    """The one result loop: a line per slide as it finishes, a row each in `summary`."""
+    bars = _Bars(len(slides))
+    start = time.perf_counter()
+    scored = tiles = 0
+    results = scorer.score_many(slides, out, progress=bars.for_slide) if tile_bars else scorer.score_many(slides, out)
+    try:
+        for path, result in results:
+            bars.slide_done(path)
+            if isinstance(result, BaseException):
+                if debug:
+                    if getattr(result, "remote_traceback", None):  # raised on a Ray worker
+                        print(result.remote_traceback, file=sys.stderr)
+                    raise result
+                console.error(result)
+                summary.failed(path.name, str(result).removeprefix(f"{path}: "))
+                continue
+            n = len(result.coords)
+            scored, tiles = scored + 1, tiles + n
+            where = result.out_dir or out / path.stem
+            if n == 0:  # not an error: complete, empty outputs, and a warning nobody misses
+                console.warn_no_tissue(path, where)
+            summary.add(Row(path.name, "ok" if n else "NO TISSUE", str(n), f"{result.tiles_per_s:.0f}",
+                            f"{result.wall_seconds:.1f}", str(where)))
+            on = f" on {result.worker}" if result.worker else ""
+            console.line(f"{path.name}: {n} tiles, {result.tiles_per_s:.0f} tiles/s, "
+                               f"{result.wall_seconds:.1f} s{on} -> {where}")
+            bars.rate(tiles / (time.perf_counter() - start))
+    finally:
+        bars.close()
+    if len(slides) > 1:
+        wall = time.perf_counter() - start
+        console.note(f"{scored} of {len(slides)} slides in {wall:.1f} s ({60 * scored / wall:.2f} slides/min, "
+                     f"{tiles / wall:.0f} tiles/s overall), {len(slides) - scored} failed")
+
+
+class _Bars:
+    """tqdm bars on stderr: slides done (with the overall tiles/s), and the current slide's tiles."""
+
+    def __init__(self, slides: int):
+        self.overall = tqdm(total=slides, desc="slides", unit="slide", position=0, file=sys.stderr,
+                            dynamic_ncols=True, disable=None)
+        self.slides: dict[Path, tqdm] = {}
+
+    def for_slide(self, path: Path):
+        def progress(stage: str, done: int, total: int) -> None:
+            bar = self.slides.get(path)
+            if bar is None:
+                bar = self.slides[path] = tqdm(total=total, desc=path.name[:30], unit="tile", position=1,
+                                               leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
+            bar.update(done - bar.n)
+        return progress
+
+    def slide_done(self, path: Path) -> None:
+        bar = self.slides.pop(path, None)
+        if bar is not None:
+            bar.close()
+        self.overall.update(1)
+
+    def rate(self, tiles_per_s: float) -> None:
+        self.overall.set_postfix_str(f"{tiles_per_s:.0f} tiles/s")
+
+    def close(self) -> None:
+        for bar in self.slides.values():
+            bar.close()
+        self.overall.close()
+
+
+def cmd_demo(args) -> int:
+    out = prepare_output_dir(args.out)
+    slide = out / "demo-slide.tif"
+    if not slide.exists():
+        start = time.perf_counter()
+        write_demo_slide(slide)
+        console.note(f"wrote a synthetic H&E slide {slide} ({time.perf_counter() - start:.1f} s)")
+    args.slides = [str(slide)]
+    return cmd_score(args)

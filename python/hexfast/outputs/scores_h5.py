@@ -1,0 +1,187 @@
+"""<stem>.h5: per-tile results, written as tiles are scored.
+
+Datasets: `coords` (N,2 int64, level-0 top-left), `codex_prediction` (N,40
+float32), `features` (N,D float32, D=1024 for HEX; absent when not computed),
+`tissue_fraction` (N,). HEX's virtual_codex_from_h5.py reads
+f["codex_prediction"][:] and f["coords"][:]; CLAM/TRIDENT-style MIL tools read
+f["features"] and f["coords"] (patch_size / patch_level on coords). Attributes
+(on the file and on coords): the tiles h5's (tiles.tile_attrs) plus
+marker_names, bundle_hash, demo, has_features.
+
+Rows are appended batch by batch to a hidden file beside the target, so the
+features of a whole slide never sit in memory; close() renames it into place,
+abort() removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import OutputError
+from ..files import one_line, temp_name
+from ..markers import MARKERS
+from ..slide import Slide, TileGrid
+from .tiles import tile_attrs
+
+# Whole rows per chunk (readers slice by tile), <= 1 MiB each.
+ROWS_PER_CHUNK = {"coords": 4096, "codex_prediction": 4096, "features": 256, "tissue_fraction": 4096}
+# Batches are gathered in memory and written in blocks of whole chunks (16 MiB
+# of features at most): partial writes into gzip chunks interleaved with the
+# features made HDF5 recompress chunks over and over (50k tiles in batches of
+# 64: 8 s instead of well under 1 s).
+FLUSH_ROWS = 4096
+GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+# Float embeddings barely compress (gzip saved ~15% at 10x the write time on
+# 50k x 1024), so `features` is only chunked.
+COMPRESSED = {"coords", "codex_prediction", "tissue_fraction"}
+
+
+class ScoresH5:
+    """Append tiles, then close() (atomic rename) or abort(). Errors are OutputError naming `path`."""
+
+    def __init__(
+        self,
+        path: Path,
+        slide: Slide,
+        grid: TileGrid,
+        *,
+        bundle_hash: str,
+        demo: bool,
+        marker_names: Sequence[str] = MARKERS,
+        features_dim: int | None = 1024,
+    ):
+        self.path = Path(path)
+        self._tmp = temp_name(self.path)
+        self._grid = grid
+        self._n = 0  # rows appended
+        self._written = 0  # rows on disk
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._attrs = tile_attrs(slide, grid) | {
+            "marker_names": list(marker_names),
+            "bundle_hash": bundle_hash,
+            "demo": bool(demo),
+            "has_features": features_dim is not None,
+        }
+        widths = {"coords": (2, np.int64), "codex_prediction": (len(marker_names), np.float32)}
+        if features_dim is not None:
+            widths["features"] = (int(features_dim), np.float32)
+        with self._reporting():
+            self._f = h5py.File(self._tmp, "w")
+            # Sized for the whole grid up front and trimmed at close(), so the
+            # datasets are not resized per block; chunks are allocated as written.
+            rows = max(len(grid), 1)
+            for name, (width, dtype) in widths.items():
+                self._f.create_dataset(
+                    name, shape=(rows, width), maxshape=(None, width), dtype=dtype,
+                    chunks=(ROWS_PER_CHUNK[name], width), **(GZIP if name in COMPRESSED else {}),
+                )
+            self._f["codex_prediction"].attrs["marker_names"] = list(marker_names)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, coords: np.ndarray, codex_prediction: np.ndarray, features: np.ndarray | None = None) -> None:
+        # Copies: the batch is held until the next block write, and engines may reuse their buffers.
+        coords = np.array(coords, np.int64).reshape(-1, 2)
+        rows = {"coords": coords, "codex_prediction": np.array(codex_prediction, np.float32)}
+        if "features" in self._f:
+            if features is None:
+                raise ValueError(f"{self.path}: features were expected with every batch")
+            rows["features"] = np.array(features, np.float32)
+        for name, data in rows.items():
+            want = self._f[name].shape[1]
+            if data.shape != (len(coords), want):
+                raise ValueError(f"{name} batch must be ({len(coords)}, {want}), got {data.shape}")
+        for name, data in rows.items():
+            self._pending.setdefault(name, []).append(data)
+        self._n += len(coords)
+        if self._n - self._written >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._n == self._written:
+            return
+        with self._reporting():
+            n0, n1 = self._written, self._n
+            for name, parts in self._pending.items():
+                dset = self._f[name]
+                if n1 > len(dset):  # more tiles than the grid had: not expected, but allowed
+                    dset.resize(max(n1, 2 * len(dset)), axis=0)
+                dset[n0:n1] = np.concatenate(parts)
+            self._pending = {}
+            self._written = n1
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a dataset as written so far (all of them by default)."""
+        if name not in self._f:
+            raise KeyError(f"{self.path}: no {name!r} dataset (features_dim=None?)")
+        self._flush()
+        stop = self._n if stop is None else min(stop, self._n)
+        try:
+            return self._f[name][start:stop]
+        except OSError as e:
+            raise OutputError(self.path, f"cannot read back {name}: {one_line(e)}") from e
+
+    def close(self) -> None:
+        """Adds tissue_fraction and the attributes, then renames into place."""
+        self._flush()
+        with self._reporting():
+            for name in ("coords", "codex_prediction", "features"):
+                if name in self._f:
+                    self._f[name].resize(self._n, axis=0)
+            coords = self._f["coords"][: self._n]
+            fraction = tissue_fraction(self._grid, coords)
+            self._f.create_dataset(
+                "tissue_fraction", data=fraction, chunks=(min(max(len(fraction), 1), 8192),),
+                maxshape=(None,), **GZIP,
+            )
+            for key, value in self._attrs.items():
+                self._f["coords"].attrs[key] = value
+                self._f.attrs[key] = value
+            self._f.close()
+            os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file (safe after close, twice, or after a failed open)."""
+        f = getattr(self, "_f", None)
+        try:
+            if f is not None and f.id.valid:
+                f.close()
+        except Exception:  # noqa: BLE001 - the file is being discarded anyway
+            pass
+        self._tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _reporting(self):
+        """OS/HDF5 errors become one-line OutputErrors naming the target; the partial file goes."""
+        try:
+            yield
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError):
+                raise OutputError(self.path, f"cannot write: {one_line(e.strerror or e)}") from e
+            raise
+
+
+def tissue_fraction(grid: TileGrid, coords: np.ndarray) -> np.ndarray:
+    """The grid's tissue fraction for each written tile (tiles may be skipped); NaN if not in the grid."""
+    out = np.full(len(coords), np.nan, np.float32)
+    grid_coords = np.asarray(grid.coords, np.int64).reshape(-1, 2)
+    if len(coords) == 0 or len(grid_coords) == 0:
+        return out
+    width = int(max(grid_coords[:, 0].max(), coords[:, 0].max())) + 1
+    keys = grid_coords[:, 1] * width + grid_coords[:, 0]
+    order = np.argsort(keys)
+    sorted_keys = keys[order]
+    want = coords[:, 1] * width + coords[:, 0]
+    pos = np.minimum(np.searchsorted(sorted_keys, want), len(keys) - 1)
+    hit = sorted_keys[pos] == want
+    out[hit] = np.asarray(grid.fraction, np.float32)[order[pos[hit]]]
+    return out
+

@@ -1,0 +1,174 @@
+"""All of one slide's score outputs, in OUT/<stem>/, and whether they are complete.
+
+OUT/<stem>/<stem>.h5               coords, codex_prediction, features (scores_h5)
+OUT/<stem>/virtual_codex.ome.tif   the virtual CODEX grid, 40 named channels (ome_tiff)
+OUT/<stem>/overview.png            thumbnail + marker heatmaps (overview)
+OUT/<stem>/report.json             metadata, timings, MICA (report) -- written LAST
+
+Completeness: each file is written atomically; report.json is removed before
+anything else is written and written only after the other three succeeded.
+So a report.json that parses and agrees with the h5 means the set is whole and
+from one run; `--resume` skips exactly those slides (outputs_complete).
+
+The pipeline streams into a SlideWriter:
+
+    writer = SlideWriter(OUT, slide, grid, bundle, backend)
+    for coords, markers, features in batches: writer.append(coords, markers, features)
+    writer.feature_chunks(4096)  # read back from disk in chunks, e.g. for MICA
+    writer.finish(coords, markers, codex_grid, mica=..., seconds=...)   # -> {"h5": path, ...}
+    (writer.abort() on failure: drops the partial h5; no report.json, so not complete)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..bundle import Bundle
+from ..errors import OutputError
+from ..files import prepare_output_dir, remove_stale_temps
+from ..slide import Slide, TileGrid
+from .ome_tiff import write_ome_tiff
+from .overview import DEFAULT_MARKERS, write_overview_png
+from .report import build_report, write_report_json
+from .scores_h5 import ScoresH5
+
+
+@dataclass(frozen=True)
+class SlideOutputPaths:
+    dir: Path
+    h5: Path
+    ome_tiff: Path
+    overview: Path
+    report: Path
+
+    def as_dict(self) -> dict[str, Path]:
+        return {"h5": self.h5, "ome_tiff": self.ome_tiff, "overview": self.overview, "report": self.report}
+
+
+def output_paths(out_dir: Path, stem: str) -> SlideOutputPaths:
+    d = Path(out_dir) / stem
+    return SlideOutputPaths(d, d / f"{stem}.h5", d / "virtual_codex.ome.tif", d / "overview.png", d / "report.json")
+
+
+class SlideWriter:
+    """Writes one slide's outputs: tiles as they are scored, the rest at finish()."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        slide: Slide,
+        grid: TileGrid,
+        bundle: Bundle,
+        backend: str,
+        *,
+        features_dim: int | None = 1024,
+        overview_markers: Sequence[str] | str = DEFAULT_MARKERS,
+    ):
+        self.slide, self.grid, self.bundle, self.backend = slide, grid, bundle, backend
+        self.overview_markers = overview_markers
+        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self.paths = output_paths(out_dir, slide.path.stem)
+        prepare_output_dir(self.paths.dir)
+        remove_stale_temps(self.paths.dir)  # left by a run that was killed outright (SIGKILL, power)
+        try:
+            self.paths.report.unlink(missing_ok=True)  # incomplete until the new one is written
+        except OSError as e:
+            raise OutputError(self.paths.report, f"cannot remove the previous report: {e.strerror}") from e
+        self._h5 = ScoresH5(
+            self.paths.h5, slide, grid, bundle_hash=bundle.hash, demo=bundle.demo,
+            marker_names=bundle.markers, features_dim=features_dim,
+        )
+        self._done = False
+
+    def append(self, coords: np.ndarray, markers: np.ndarray, features: np.ndarray | None = None) -> None:
+        self._h5.append(coords, markers, features)
+
+    def feature_chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """The features written so far, read back from the h5 `rows` tiles at a time (for MICA)."""
+        for start in range(0, len(self._h5), rows):
+            yield self._h5.read("features", start, start + rows)
+
+    def finish(
+        self,
+        coords: np.ndarray,
+        markers: np.ndarray,
+        codex_grid: np.ndarray,
+        *,
+        mica: Mapping | None = None,
+        seconds: Mapping[str, float] | None = None,
+        skipped: Sequence = (),
+        tiles_per_s: float | None = None,
+    ) -> dict[str, Path]:
+        """Close the h5, then write the OME-TIFF, the overview and (last) report.json.
+
+        coords, markers: the tiles appended, in order; codex_grid: them laid out one cell per
+        stride ([gh, gw, 40], score.codex_grid.virtual_codex); mica: MICA's summary
+        (score.mica_stream.mica_summary) or None; seconds, skipped, tiles_per_s: for the report."""
+        if len(coords) != len(self._h5):
+            raise ValueError(f"finish() got {len(coords)} tiles; {len(self._h5)} were appended")
+        t0 = time.perf_counter()
+        self._h5.close()
+        p, slide, grid, bundle = self.paths, self.slide, self.grid, self.bundle
+        write_ome_tiff(p.ome_tiff, codex_grid, bundle.markers, grid.stride * slide.mpp, name=p.dir.name)
+        notes = [f"bundle {bundle.hash[:12]}" + (" (DEMO)" if bundle.demo else "")]
+        if mica is not None:
+            notes.append(f"MICA risk {mica['risk']:.3g}")
+        write_overview_png(
+            p.overview, slide, grid, markers, codex_grid, coords=coords, demo=bundle.demo,
+            marker_names=bundle.markers, show=self.overview_markers, notes=notes,
+        )
+        stages = dict(seconds or {})
+        stages["write_outputs"] = time.perf_counter() - t0
+        report = build_report(
+            slide, grid, seconds=stages, backend=self.backend, bundle_hash=bundle.hash, demo=bundle.demo,
+            bundle_manifest=bundle.manifest, mica=mica, started_at=self.started_at, tile_count=len(coords),
+            skipped=skipped, tiles_per_s=tiles_per_s,
+            outputs={k: v.name for k, v in p.as_dict().items() if k != "report"},
+        )
+        write_report_json(p.report, report)
+        self._done = True
+        return p.as_dict()
+
+    def abort(self) -> None:
+        """Drop the partial h5. Files already renamed into place stay, but without
+        report.json the slide is not complete, so --resume redoes it."""
+        if not self._done:
+            self._h5.abort()
+            with contextlib.suppress(OSError):  # a first run that failed leaves no empty OUT/<stem>/
+                self.paths.dir.rmdir()
+
+    def __enter__(self) -> SlideWriter:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is not None:
+            self.abort()
+
+
+def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None) -> bool:
+    """True when OUT/<stem>/ holds a whole set from one finished run: all four
+    files, report.json parses, and the h5 has coords (N,2) and codex_prediction
+    (N,C) with N = the report's tile_count. With bundle_hash, the run must also
+    have used that bundle (a resume with other weights redoes the slide)."""
+    paths = output_paths(out_dir, stem)
+    if not all(p.is_file() for p in (paths.h5, paths.ome_tiff, paths.overview, paths.report)):
+        return False
+    try:
+        report = json.loads(paths.report.read_text(encoding="utf-8"))
+        n = int(report["tile_count"])
+        if bundle_hash is not None and report["bundle"]["hash"] != bundle_hash:
+            return False
+        with h5py.File(paths.h5, "r") as f:
+            coords, pred = f["coords"], f["codex_prediction"]
+            return coords.shape == (n, 2) and pred.ndim == 2 and pred.shape[0] == n
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

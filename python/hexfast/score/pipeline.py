@@ -1,0 +1,342 @@
+"""Scoring one slide, or many: TileStream → HEX engine → virtual CODEX →
+CODEX encoder → MICA, then the per-slide outputs.
+
+Reading overlaps inference: the stream's C++ workers fill a bounded ring of
+batches while the engine runs (ONNX Runtime and TensorRT release the GIL).
+With several slides, the next slide is opened, tiled and its first batches
+read while the current one is still in the engine.
+
+    scorer = hexfast.Scorer(backend="auto")
+    result = scorer.score("slide.svs", out="results/")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle, load_bundle
+from ..engines import create_engine
+from ..engines.build import engine_key
+from ..engines.devices import gpu_name
+from ..errors import HexfastError
+from ..outputs import SlideWriter
+from ..slide import DEFAULT_MIN_TISSUE, Slide, TileGrid, open_slide, tile_slide
+from ..stream import TileStream
+from .codex_grid import codex_encoder_input, virtual_codex
+from .mica_stream import CHUNK_TILES, stream_mica
+
+log = logging.getLogger("hexfast.pipeline")
+
+# progress(stage, done, total): stage is "tiles" while the slide streams.
+Progress = Callable[[str, int, int], None]
+
+
+class Cancelled(HexfastError):
+    """Scoring was cancelled (Scorer.cancel())."""
+
+
+@dataclass
+class SlideResult:
+    """What scoring one slide gives. Arrays are in grid order."""
+
+    path: Path
+    coords: np.ndarray                 # (N, 2) int64 level-0 top-left
+    markers: np.ndarray                # (N, 40) float32, the virtual CODEX per tile
+    marker_names: list[str]
+    tile_size: int                     # level-0 px
+    stride: int
+    mpp: float
+    backend: str
+    demo: bool
+    features: np.ndarray | None = None  # (N, 1024) when kept in memory (no output directory)
+    codex_grid: np.ndarray | None = None  # (gh, gw, 40), one cell per stride
+    mica: dict | None = None            # mica_stream.mica_summary: hazards, survival, risk, most_attended tiles
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+    worker: str | None = None           # "host:pid" of the Ray worker that scored it (None: this process)
+
+    @property
+    def wall_seconds(self) -> float:
+        """Seconds for the slide, counting each stage once (the engine's share of
+        streaming is recorded as "hex engine (within stream+hex)")."""
+        return sum(v for k, v in self.seconds.items() if "within" not in k)
+
+    @property
+    def tiles_per_s(self) -> float:
+        busy = self.seconds.get("stream+hex", 0.0)
+        return len(self.coords) / busy if busy > 0 else 0.0
+
+    @property
+    def out_dir(self) -> Path | None:
+        """OUT/<stem>/, where the outputs went (None when nothing was written)."""
+        report = self.outputs.get("report")
+        return report.parent if report is not None else None
+
+
+@dataclass
+class _Prepared:
+    slide: Slide
+    grid: TileGrid
+    stream: TileStream | None
+    seconds: dict[str, float]
+
+
+@dataclass
+class _HexTiles:
+    """What the HEX pass over a slide gives: the scored tiles in grid order (features only when
+    no writer took them), the tiles the stream skipped, and its timings."""
+
+    coords: np.ndarray
+    markers: np.ndarray
+    features: np.ndarray | None
+    skipped: list
+    seconds: dict[str, float]
+
+
+class Scorer:
+    """Loads a model bundle's engines once; scores slides with them.
+
+    `model`: a bundle directory, a Bundle, or None for the bundled demo model
+    (untrained: everything it writes says so). `cancel()` may be called from
+    any thread; the running `score` stops at the next batch and raises Cancelled.
+    """
+
+    def __init__(self, model: str | os.PathLike | Bundle | None = None, backend: str = "auto", *,
+                 precision: str = "fp32", batch_size: int = 64, threads: int = 2, stain_norm: str = "none",
+                 stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
+                 engine_threads: int | None = None):
+        self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
+        self.batch_size = batch_size
+        self.threads = threads
+        self.stain_norm = stain_norm
+        self.stride = stride
+        self.mpp = mpp
+        self.min_tissue = min_tissue
+        self._cancel = threading.Event()
+
+        def engine(name: str):
+            return open_engine(self.bundle, name, backend, precision, engine_threads)
+
+        self.hex = engine("hex")
+        # The slide-level models are small: one run per slide.
+        self.codex_encoder = engine("codex_encoder") if self.bundle.has("codex_encoder") else None
+        self.mica = engine("mica") if self.bundle.has("mica") and self.codex_encoder else None
+        self.backend = self.hex.backend
+        log.info("HEX engine: %s", self.hex.describe())
+
+    def describe(self) -> str:
+        """The HEX engine, one line: backend, runtime, precision, device."""
+        return self.hex.describe()
+
+    # ------------------------------------------------------------- control
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def close(self) -> None:
+        for engine in (self.hex, self.codex_encoder, self.mica):
+            if engine is not None:
+                engine.close()
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- scoring
+
+    def score(self, path: str | os.PathLike, out: str | os.PathLike | None = None,
+              progress: Progress | None = None) -> SlideResult:
+        """Scores one slide; with `out`, writes OUT/<stem>/ and keeps features on disk only."""
+        self._cancel.clear()
+        return self._finish(self._prepare(Path(path)), out, progress)
+
+    def score_many(self, paths: Iterable[str | os.PathLike], out: str | os.PathLike | None = None,
+                   progress: Callable[[Path], Progress | None] | None = None
+                   ) -> Iterator[tuple[Path, SlideResult | BaseException]]:
+        """Scores slides in turn, preparing the next (open, tile, first batches)
+        while the current one runs. Yields (path, result or the exception it
+        raised): a failed slide does not stop the others."""
+        self._cancel.clear()
+        paths = [Path(p) for p in paths]
+        pool = ThreadPoolExecutor(1, thread_name_prefix="hexfast-prepare")
+        ahead: Future | None = pool.submit(self._prepare, paths[0]) if paths else None
+        try:
+            for i, path in enumerate(paths):
+                current, ahead = ahead, None
+                try:
+                    prepared = current.result()
+                except Exception as e:  # noqa: BLE001 - reported per slide
+                    prepared = e
+                if i + 1 < len(paths) and not self._cancel.is_set():
+                    ahead = pool.submit(self._prepare, paths[i + 1])
+                if isinstance(prepared, Exception):
+                    yield path, prepared
+                    continue
+                try:
+                    result: SlideResult | Exception = self._finish(prepared, out, progress(path) if progress else None)
+                except Cancelled:
+                    raise
+                except Exception as e:  # noqa: BLE001 - reported per slide
+                    result = e
+                yield path, result
+        finally:  # cancelled, failed or abandoned: close the slide prepared ahead
+            if ahead is not None:
+                ahead.add_done_callback(_discard)
+            # Wait for the prepare thread (at most one open + tiling) so nothing outlives the call.
+            pool.shutdown(wait=True)
+
+    def _prepare(self, path: Path) -> _Prepared:
+        """Open, tile and start streaming (the workers begin filling the ring)."""
+        start = time.perf_counter()
+        slide = open_slide(path, self.mpp)
+        try:
+            grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue)
+            tiled = time.perf_counter()
+            stream = None
+            if len(grid):
+                stream = TileStream(slide, grid.coords, batch_size=self.batch_size, threads=self.threads,
+                                    stain_norm=self.stain_norm)
+        except BaseException:
+            slide.close()
+            raise
+        return _Prepared(slide, grid, stream, {"tissue+grid": tiled - start,
+                                               "stream start": time.perf_counter() - tiled})
+
+    def _finish(self, prep: _Prepared, out, progress: Progress | None) -> SlideResult:
+        slide, grid = prep.slide, prep.grid
+        writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend) if out is not None else None
+        try:
+            tiles = self._run_hex(prep, writer, progress)
+            seconds = {**prep.seconds, **tiles.seconds}
+            start = time.perf_counter()
+            # One cell per stride (finer with overlapping tiles): the OME-TIFF and the overview show it.
+            codex_grid = virtual_codex(tiles.coords, tiles.markers, grid.stride, slide.dimensions)
+            seconds["virtual codex"] = time.perf_counter() - start
+            mica = None
+            if self.mica is not None and len(tiles.coords):
+                start = time.perf_counter()
+                mica = self._run_mica(tiles, grid.tile_size, slide.dimensions, writer)
+                seconds["codex encoder+mica"] = time.perf_counter() - start
+            result = SlideResult(
+                path=slide.path, coords=tiles.coords, markers=tiles.markers, marker_names=list(self.bundle.markers),
+                tile_size=grid.tile_size, stride=grid.stride, mpp=slide.mpp, backend=self.backend,
+                demo=self.bundle.demo, features=tiles.features, codex_grid=codex_grid, mica=mica, seconds=seconds,
+                skipped=tiles.skipped)
+            if writer is not None:
+                start = time.perf_counter()
+                result.outputs = writer.finish(result.coords, result.markers, codex_grid, mica=mica,
+                                               seconds=result.seconds, skipped=result.skipped,
+                                               tiles_per_s=result.tiles_per_s)
+                result.seconds["outputs"] = time.perf_counter() - start
+            return result
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            if prep.stream is not None:
+                prep.stream.close()
+            slide.close()
+
+    def _run_hex(self, prep: _Prepared, writer: SlideWriter | None, progress: Progress | None) -> _HexTiles:
+        """Streams the slide through the HEX engine. Markers and coords stay in
+        memory (176 bytes a tile); features go to the writer when there is one."""
+        total = len(prep.grid)
+        coords_parts, marker_parts, feature_parts = [], [], []
+        done = 0
+        start = time.perf_counter()
+        engine_s = 0.0
+        if progress:
+            progress("tiles", 0, total)
+        if prep.stream is not None:
+            for coords, tiles in prep.stream:
+                if self._cancel.is_set():
+                    raise Cancelled(f"{prep.slide.path}: cancelled after {done} of {total} tiles")
+                t = time.perf_counter()
+                out = self.hex.run({"tiles": tiles})
+                engine_s += time.perf_counter() - t
+                coords = np.array(coords)
+                markers = np.asarray(out["markers"], np.float32)
+                features = np.asarray(out["embedding"], np.float32)
+                coords_parts.append(coords)
+                marker_parts.append(markers)
+                if writer is not None:
+                    writer.append(coords, markers, features)
+                else:
+                    feature_parts.append(features)
+                done += len(coords)
+                if progress:
+                    progress("tiles", done, total)
+        seconds = {"stream+hex": time.perf_counter() - start, "hex engine (within stream+hex)": engine_s}
+        features = None
+        if writer is None:
+            features = np.concatenate(feature_parts) if feature_parts else np.zeros((0, 1024), np.float32)
+        return _HexTiles(
+            coords=np.concatenate(coords_parts) if coords_parts else np.zeros((0, 2), np.int64),
+            markers=np.concatenate(marker_parts) if marker_parts else np.zeros((0, 40), np.float32),
+            features=features, skipped=prep.stream.skipped if prep.stream is not None else [], seconds=seconds)
+
+    def _run_mica(self, tiles: _HexTiles, tile_size: int, level0_size: tuple[int, int],
+                  writer: SlideWriter | None) -> dict:
+        """CODEX encoder over the reference's grid, then MICA streamed over the features: its summary."""
+        # The encoder sees the reference's grid: whole slide from (0, 0), one cell per tile size.
+        codex = codex_encoder_input(tiles.coords, tiles.markers, tile_size, level0_size)
+        codex_features = self.codex_encoder.run({"codex": np.ascontiguousarray(codex, np.float32)})["features"]
+        if writer is None:  # features in memory (no output directory)
+            def chunks():
+                return (tiles.features[i:i + CHUNK_TILES] for i in range(0, len(tiles.features), CHUNK_TILES))
+        else:  # read back from the h5 a chunk at a time: memory independent of the tile count
+            def chunks():
+                return writer.feature_chunks(CHUNK_TILES)
+        state_width = self.bundle.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
+        out = stream_mica(self.mica.run, codex_features, chunks, state_width=state_width)
+        return out.summary(tiles.coords, self.bundle.markers)
+
+
+def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str = "fp32",
+                threads: int | None = None):
+    """The engine Scorer runs for the bundle's model `name`. Always from the fp32 graph: TensorRT
+    builds fp16/bf16 from it (precision flag), and finds the plans `hexfast build-engines` wrote,
+    named <model>.<precision>.plan after it, in the bundle's folder for this GPU + TensorRT."""
+    return create_engine(bundle.model_path(name, "fp32"), backend, precision=precision,
+                         plan_dir=_plan_dir(bundle, backend), threads=threads)
+
+
+def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
+    """The bundle's TensorRT plan directory for this GPU + TensorRT version
+    (where `hexfast build-engines` wrote them), or None: no TensorRT/GPU here,
+    a CPU backend, or a read-only bundle (the engines then use their own cache)."""
+    if backend in ("ort-cpu", "ort-cuda") or importlib.util.find_spec("tensorrt") is None:
+        return None
+    gpu = gpu_name()
+    if gpu is None:
+        return None
+    import tensorrt
+
+    directory = bundle.engine_cache_dir(engine_key(gpu, tensorrt.__version__))
+    writable = directory.is_dir() or os.access(directory.parent if directory.parent.exists() else bundle.path, os.W_OK)
+    return directory if writable else None
+
+
+def _discard(future: Future) -> None:
+    """Closes a slide prepared ahead that will not be scored."""
+    try:
+        prepared = future.result()
+    except Exception:  # noqa: BLE001 - it was never going to be used
+        return
+    if prepared.stream is not None:
+        prepared.stream.close()
+    prepared.slide.close()

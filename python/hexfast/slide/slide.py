@@ -1,0 +1,185 @@
+"""Slide access: OpenSlide (from the openslide-bin wheel) behind a small API
+that knows the slide's physical resolution and HEX's tile size for it."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from ..errors import SlideError
+
+# The reference buckets magnification by MPP (half-open intervals) with a fixed
+# level-0 tile per bucket; all three are 56 µm on the glass at the nominal MPP.
+# Outside the buckets the reference silently falls back to 40x (224 px); we use
+# the same 56 µm instead and warn (see TileSpec.in_reference_bucket).
+TILE_UM = 56.0
+MPP_BUCKETS = (  # (low, high, magnification, tile px at level 0)
+    (0.05, 0.2, 80, 448),
+    (0.2, 0.3, 40, 224),
+    (0.4, 0.6, 20, 112),
+)
+# Anything outside this is not a microscope scan (e.g. 72 dpi TIFF defaults).
+MPP_PLAUSIBLE = (0.05, 4.0)
+
+MPP_HINT = "pass the scan resolution with --mpp (µm per level-0 pixel, e.g. --mpp 0.25 for 40x)"
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """HEX's tile for a given resolution."""
+
+    size: int  # level-0 px
+    magnification: float  # nominal objective, from the MPP bucket
+    in_reference_bucket: bool  # False: outside the reference's buckets, 56 µm tiles used
+
+
+def tile_spec_for_mpp(mpp: float) -> TileSpec:
+    for low, high, mag, px in MPP_BUCKETS:
+        if low <= mpp < high:
+            return TileSpec(px, float(mag), True)
+    return TileSpec(max(1, round(TILE_UM / mpp)), round(10.0 / mpp, 1), False)
+
+
+def check_mpp(path, mpp: float, source: str) -> float:
+    low, high = MPP_PLAUSIBLE
+    if not (math.isfinite(mpp) and low <= mpp <= high):
+        raise SlideError(
+            path,
+            f"MPP {mpp:g} µm/px ({source}) is not a plausible scan resolution "
+            f"(expected {low:g}–{high:g}); {MPP_HINT}",
+        )
+    return mpp
+
+
+def _mpp_from_properties(props) -> tuple[float, str] | None:
+    """MPP from OpenSlide's standard property, then vendor keys, then TIFF resolution."""
+    for key in ("openslide.mpp-x", "aperio.MPP", "hamamatsu.XResolution"):
+        try:
+            value = float(props[key])
+        except (KeyError, ValueError):
+            continue
+        if value > 0:
+            return value, key
+    unit = props.get("tiff.ResolutionUnit")
+    try:
+        res = float(props["tiff.XResolution"])
+    except (KeyError, ValueError):
+        return None
+    per_unit_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    if per_unit_um and res > 0:
+        return per_unit_um / res, "tiff.XResolution"
+    return None
+
+
+class Slide:
+    """An open whole-slide image. Use `open_slide(path, mpp=None)`."""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None):
+        self.path = Path(path)
+        self._osr = _open(self.path)
+        props = self._osr.properties
+        self.vendor = props.get("openslide.vendor", "unknown")
+        self.dimensions: tuple[int, int] = self._osr.dimensions
+        self.level_dimensions: tuple[tuple[int, int], ...] = self._osr.level_dimensions
+        self.level_downsamples: tuple[float, ...] = self._osr.level_downsamples
+        power = props.get("openslide.objective-power")
+        self.objective_power: float | None = float(power) if power else None
+        bg = props.get("openslide.background-color", "FFFFFF")
+        self.background = tuple(int(bg[i : i + 2], 16) for i in (0, 2, 4))
+
+        if mpp is not None:
+            self.mpp, self.mpp_source = check_mpp(self.path, float(mpp), "from --mpp"), "--mpp"
+        else:
+            found = _mpp_from_properties(props)
+            if found is None:
+                raise SlideError(self.path, f"slide has no resolution (MPP) metadata; {MPP_HINT}")
+            self.mpp = check_mpp(self.path, found[0], f"from {found[1]}")
+            self.mpp_source = found[1]
+        self.tile = tile_spec_for_mpp(self.mpp)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def properties(self):
+        return self._osr.properties
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3); transparent areas (outside the scan) take the slide's background colour."""
+        return np.asarray(self._read_rgb(location, level, size))
+
+    def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        try:
+            rgba = self._osr.read_region(location, level, size)
+        except openslide.OpenSlideError as e:
+            raise SlideError(self.path, f"cannot read pixels at level {level}, level-0 {location}: {e}") from e
+        if rgba.getchannel("A").getextrema()[0] < 255:  # some of it lies outside the scanned area
+            bg = Image.new("RGBA", rgba.size, (*self.background, 255))
+            bg.alpha_composite(rgba)
+            rgba = bg
+        return rgba.convert("RGB")
+
+    def read_reduced(self, downsample: float, max_strip_bytes: int = 8 << 20) -> np.ndarray:
+        """The whole slide at `downsample` (level-0 px per output px), box-filtered.
+
+        Output pixel (i, j) covers level-0 [i*d, (i+1)*d) x [j*d, (j+1)*d). Reads
+        the coarsest sufficient level in horizontal strips of at most
+        `max_strip_bytes`, so memory is the output plus one strip even on
+        single-level slides."""
+        w0, h0 = self.dimensions
+        out_w, out_h = math.ceil(w0 / downsample), math.ceil(h0 / downsample)
+        level = self._osr.get_best_level_for_downsample(downsample)
+        dl = self.level_downsamples[level]
+        span_w = out_w * downsample / dl  # output width, in level pixels
+        level_rows_per_out_row = downsample / dl
+        rows = max(1, int(max_strip_bytes / (4 * span_w * level_rows_per_out_row)))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for r0 in range(0, out_h, rows):
+            r1 = min(out_h, r0 + rows)
+            y0, y1 = r0 * level_rows_per_out_row, r1 * level_rows_per_out_row  # level px
+            ly0, ly1 = math.floor(y0), math.ceil(y1)
+            region = self._read_rgb((0, round(ly0 * dl)), level, (math.ceil(span_w), ly1 - ly0))
+            strip = region.resize(
+                (out_w, r1 - r0), Image.Resampling.BOX, box=(0, y0 - ly0, span_w, y1 - ly0)
+            )
+            out[r0:r1] = np.asarray(strip)
+        return out
+
+
+def _open(path: Path) -> openslide.OpenSlide:
+    if not path.exists():
+        raise SlideError(path, "no such file")
+    if path.is_dir():
+        raise SlideError(path, "is a directory, not a slide file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise SlideError(path, f"cannot read file: {e.strerror}") from e
+    if openslide.OpenSlide.detect_format(str(path)) is None:
+        raise SlideError(path, "not a slide format OpenSlide can read")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as e:
+        raise SlideError(path, f"cannot open slide: {e}") from e
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+    """Open a slide; `mpp` (µm per level-0 pixel) overrides the slide's own metadata."""
+    return Slide(path, mpp)
