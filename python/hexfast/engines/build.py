@@ -47,6 +47,8 @@ from ..files import write_bytes_atomic
 from . import devices
 from . import trt as trt_backend
 
+_log = logging.getLogger(__name__)
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 KEEP_FP32_PREFIX = "/preprocess/"
 TIMING_CACHE = "timing.cache"
@@ -114,7 +116,7 @@ def plan_specs(bundle: Bundle, *, precision: str, max_batch: int, tile_sizes: li
 
 def build_engines(bundle: Bundle, *, precision: str = "fp32", max_batch: int = 64, tile_sizes: list[int] | None = None,
                   models: list[str] | None = None, workspace_gb: float = 8.0,
-                  log: Callable[[str], None] = logging.getLogger(__name__).info) -> list[dict]:
+                  log: Callable[[str], None] = _log.info) -> list[dict]:
     """Build (or rebuild) the plans; returns the JSON descriptions written beside them."""
     specs = plan_specs(bundle, precision=precision, max_batch=max_batch, tile_sizes=tile_sizes or [224, 384],
                        models=models or ["hex"])
