@@ -39,10 +39,10 @@ PYBIND11_MODULE(_core, m) {
     m.def(
         "segment_tissue",
         [](const U8Array& rgb, double mpp, int threshold, int min_threshold, int max_threshold, double median_um,
-           double close_um, double min_tissue_um2, double max_hole_um2) {
+           double close_um, double min_tissue_um2, double max_hole_um2, int min_value) {
             auto [w, h] = image_size(rgb, 3);
             TissueParams p{mpp,      threshold, min_threshold,  max_threshold,
-                           median_um, close_um, min_tissue_um2, max_hole_um2};
+                           median_um, close_um, min_tissue_um2, max_hole_um2, min_value};
             TissueResult r;
             {
                 py::gil_scoped_release nogil;
@@ -52,9 +52,10 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("rgb"), py::arg("mpp"), py::arg("threshold") = -1, py::arg("min_threshold") = 8,
         py::arg("max_threshold") = 20, py::arg("median_um") = 30.0, py::arg("close_um") = 60.0, py::arg("min_tissue_um2") = 40000.0,
-        py::arg("max_hole_um2") = 20000.0,
+        py::arg("max_hole_um2") = 20000.0, py::arg("min_value") = 30,
         "Tissue mask (H, W) uint8 of 0/1 from an RGB image at `mpp` µm/px, and the saturation threshold used "
-        "(threshold < 0: Otsu clamped to [min_threshold, max_threshold]).");
+        "(threshold < 0: Otsu clamped to [min_threshold, max_threshold]). Pixels whose brightest channel is "
+        "below min_value are never tissue.");
 
     m.def(
         "tile_grid",

@@ -181,7 +181,11 @@ int odd_kernel(double um, double mpp) {
 TissueResult segment_tissue(const uint8_t* rgb, int w, int h, const TissueParams& p) {
     if (w <= 0 || h <= 0) throw std::invalid_argument("empty image");
     if (!(p.mpp > 0)) throw std::invalid_argument("mpp must be positive");
-    const auto sat = hsv_saturation(rgb, w, h);
+    auto sat = hsv_saturation(rgb, w, h);
+    for (size_t i = 0; i < sat.size(); ++i) {
+        const uint8_t* px = rgb + 3 * i;
+        if (std::max({px[0], px[1], px[2]}) < p.min_value) sat[i] = 0;
+    }
     const auto blurred = median_blur(sat.data(), w, h, odd_kernel(p.median_um, p.mpp));
     TissueResult res;
     res.threshold_used = p.threshold >= 0 ? p.threshold

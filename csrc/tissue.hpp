@@ -18,6 +18,8 @@ struct TissueParams {
     double close_um = 60.0;           // morphological-close square side
     double min_tissue_um2 = 40000.0;  // drop tissue pieces smaller than this
     double max_hole_um2 = 20000.0;    // fill holes smaller than this
+    int min_value = 30;               // darker pixels (max of R, G, B) are never tissue: the black glass of a
+                                      // fluorescence or dark-field scan, whose noise has a high saturation
 };
 
 struct TissueResult {

@@ -180,7 +180,10 @@ def test_model_path_and_engine_dir(demo_copy, monkeypatch):
         b.model_path("codex_encoder", "fp16")
     assert not b.has("codex_encoder", "fp16") and b.has("codex_encoder", "fp32")
     monkeypatch.delenv("HEXFAST_ENGINE_CACHE", raising=False)
-    assert b.engine_cache_dir("NVIDIA_H100-trt10.3.0") == demo_copy.resolve() / "engines" / "NVIDIA_H100-trt10.3.0"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_copy.parent / "xdg"))
+    # Outside the bundle (a plan is code; it never comes with a bundle), keyed by the bundle's hash.
+    assert b.engine_cache_dir("NVIDIA_H100-trt10.3.0") == \
+        demo_copy.parent / "xdg" / "hexfast" / "engines" / b.hash[:16] / "NVIDIA_H100-trt10.3.0"
     assert not (demo_copy / "engines").exists()  # a path, not created
     monkeypatch.setenv("HEXFAST_ENGINE_CACHE", str(demo_copy / "cache"))
     assert b.engine_cache_dir("k") == demo_copy / "cache" / b.hash[:16] / "k"

@@ -134,9 +134,11 @@ def test_bad_arguments_raise():
 
 
 def clam_reference_mask(rgb, mpp, params: hexfast.TissueParams) -> np.ndarray:
-    """CLAM's segmentation written with OpenCV: HSV saturation, median blur,
-    threshold, close, then contours with holes filtered by area."""
-    sat = cv2.medianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1], _core.odd_kernel(params.median_um, mpp))
+    """CLAM's segmentation written with OpenCV: HSV saturation (0 where the HSV value is below
+    hexfast's dark floor), median blur, threshold, close, then contours with holes filtered by area."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    sat = np.where(hsv[..., 2] < params.min_value, 0, hsv[..., 1]).astype(np.uint8)
+    sat = cv2.medianBlur(sat, _core.odd_kernel(params.median_um, mpp))
     otsu, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = int(np.clip(otsu, params.min_threshold, params.max_threshold))
     _, binary = cv2.threshold(sat, threshold, 1, cv2.THRESH_BINARY)

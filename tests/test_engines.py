@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from hexfast.engines import BACKENDS, BackendUnavailable, EngineClosedError, Eng
 from hexfast.engines import _cuda, create_engine, devices  # noqa: E402
 from hexfast.engines import trt as trt_mod  # noqa: E402
 from hexfast.engines.ort import OrtEngine  # noqa: E402
+from hexfast.bundle import ListedFile  # noqa: E402
 from hexfast.errors import HexfastError  # noqa: E402
 
 RNG = np.random.default_rng(7)
@@ -496,6 +498,13 @@ def fake_trt(monkeypatch):
     return rt
 
 
+def write_plan(plans: Path, model, precision: str, blob: bytes, **record) -> None:
+    """A plan and the record build-engines writes beside it (its sha256 first of all)."""
+    engines.plan_path(plans, model, precision).write_bytes(blob)
+    record = {"plan_sha256": hashlib.sha256(blob).hexdigest(), **record}
+    engines.plan_meta_path(plans, model, precision).write_text(json.dumps(record))
+
+
 def test_plan_path():
     assert trt_mod.plan_path("/b/plans", "/b/hex.onnx", "fp16") == Path("/b/plans/hex.fp16.plan")
     assert engines.plan_meta_path("/b/plans", "/b/hex.onnx", "fp16") == Path("/b/plans/hex.fp16.json")
@@ -504,10 +513,8 @@ def test_plan_path():
 def test_trt_backend_with_stand_in(model, tmp_path, fake_trt):
     plans = tmp_path / "plans"
     plans.mkdir()
-    engines.plan_path(plans, model, "fp16").write_bytes(b"fake plan")
-    engines.plan_meta_path(plans, model, "fp16").write_text(json.dumps(
-        {"tensorrt": "10.99.fake", "gpu": "Fake GPU", "inputs": [{"name": "tiles"}],
-         "outputs": [{"name": "markers"}, {"name": "embedding"}]}))
+    write_plan(plans, model, "fp16", b"fake plan", tensorrt="10.99.fake", gpu="Fake GPU", inputs=[{"name": "tiles"}],
+               outputs=[{"name": "markers"}, {"name": "embedding"}])
     engine = create_engine(model, "trt", precision="fp16", plan_dir=plans)
     assert engine.backend == "trt"
     assert engine.input_names == ["tiles"] and engine.output_names == ["markers", "embedding"]
@@ -561,22 +568,51 @@ def test_trt_plan_errors_and_auto(model, tmp_path, fake_trt, caplog):
     assert any("auto chose ort-cpu" in r.getMessage() and "trt needs a TensorRT plan" in r.getMessage()
                for r in caplog.records)
 
-    engines.plan_path(plans, model, "fp32").write_bytes(b"stale plan")
-    engines.plan_meta_path(plans, model, "fp32").write_text(json.dumps({"tensorrt": "10.0.1", "gpu": "Other GPU"}))
+    write_plan(plans, model, "fp32", b"stale plan", tensorrt="10.0.1", gpu="Other GPU")
     with pytest.raises(ModelFileError) as info:
         create_engine(model, "trt", plan_dir=plans)
     text = assert_one_line(info.value)
     assert "cannot load this plan (built with TensorRT 10.0.1 on Other GPU)" in text
 
-    engines.plan_path(plans, model, "fp32").write_bytes(b"fake plan")
-    engines.plan_meta_path(plans, model, "fp32").write_text(json.dumps({"inputs": ["images"]}))
+    write_plan(plans, model, "fp32", b"fake plan", inputs=["images"])
     with pytest.raises(ModelFileError, match="differ from its JSON"):
         create_engine(model, "trt", plan_dir=plans)
-    engines.plan_meta_path(plans, model, "fp32").unlink()  # the JSON is optional
+    write_plan(plans, model, "fp32", b"fake plan")
     with create_engine(model, plan_dir=plans) as engine:  # auto with a plan: trt
         assert engine.backend == "trt"
         tiles = make_tiles(3)
         assert_close(engine.run({"tiles": tiles}), reference(tiles))
+
+
+def test_trt_loads_only_the_plan_its_record_hashed(model, tmp_path, fake_trt):
+    """A plan is code the GPU runs: without build-engines' record, with other bytes than the record
+    hashed, or built for another model's ONNX, it is refused before TensorRT sees it."""
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    seen = []
+    runtime = sys.modules["tensorrt"].Runtime
+    real = runtime.deserialize_cuda_engine
+    runtime.deserialize_cuda_engine = lambda self, blob: seen.append(blob) or real(self, blob)
+    engines.plan_path(plans, model, "fp32").write_bytes(b"fake plan")
+    with pytest.raises(ModelFileError) as info:  # no record
+        create_engine(model, "trt", plan_dir=plans)
+    assert "record build-engines writes" in assert_one_line(info.value)
+    engines.plan_meta_path(plans, model, "fp32").write_text(json.dumps({"gpu": "Fake GPU"}))
+    with pytest.raises(ModelFileError, match="no recorded sha256"):
+        create_engine(model, "trt", plan_dir=plans)
+    write_plan(plans, model, "fp32", b"fake plan")
+    engines.plan_path(plans, model, "fp32").write_bytes(b"evil plan")  # swapped after the build
+    with pytest.raises(HexfastError) as info:
+        create_engine(model, "trt", plan_dir=plans)
+    assert "does not match build-engines' record's" in assert_one_line(info.value)
+    listed = ListedFile(Path(model), hashlib.sha256(Path(model).read_bytes()).hexdigest())
+    write_plan(plans, model, "fp32", b"fake plan", model_sha256="0" * 64)
+    with pytest.raises(ModelFileError, match="was built for another model"):
+        create_engine(listed, "trt", plan_dir=plans)
+    assert seen == []  # TensorRT never saw a byte of any of them
+    write_plan(plans, model, "fp32", b"fake plan", model_sha256=listed.sha256)
+    with create_engine(listed, "trt", plan_dir=plans) as engine:
+        assert engine.backend == "trt" and seen == [b"fake plan"]
 
 
 def test_trt_needs_tensorrt_10(model, tmp_path, monkeypatch):
@@ -598,6 +634,8 @@ def test_bf16_conversion():
 # -- torch.export backend --------------------------------------------------------------------------
 
 def test_torch_backend_needs_a_program(model):
+    """Never one found beside the ONNX file: a .pt2 unpickles, so only the one given is loaded."""
+    model.with_suffix(".pt2").write_bytes(b"planted")
     if not engines._torch.installed():
         with pytest.raises(BackendUnavailable, match="torch needs torch"):
             create_engine(model, "torch")
@@ -605,7 +643,7 @@ def test_torch_backend_needs_a_program(model):
     with pytest.raises(BackendUnavailable) as info:
         create_engine(model, "torch")
     text = assert_one_line(info.value)
-    assert text.startswith("torch needs a torch.export program at") and str(model.with_suffix(".pt2")) in text
+    assert text.startswith("torch needs a torch.export program (.pt2) the bundle's manifest lists")
 
 
 def test_torch_backend_runs_an_exported_program(model, tmp_path):
@@ -626,8 +664,12 @@ def test_torch_backend_runs_an_exported_program(model, tmp_path):
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(Tiny(), (torch.zeros(2, 32, 32, 3, dtype=torch.uint8),),
                                   dynamic_shapes={"tiles": {0: batch}})
-    torch.export.save(program, str(onnx_path.with_suffix(".pt2")))
-    with create_engine(onnx_path, "torch", threads=1) as engine:
+    pt2 = onnx_path.with_suffix(".pt2")
+    torch.export.save(program, str(pt2))
+    with create_engine(pt2, "torch", threads=1) as engine:  # your own file, by path
+        assert engine.backend == "torch" and engine.output_names == ["output0", "output1"]
+    listed = ListedFile(pt2, hashlib.sha256(pt2.read_bytes()).hexdigest())
+    with create_engine(onnx_path, "torch", threads=1, program=listed, output_names=["markers", "embedding"]) as engine:
         assert engine.backend == "torch"
         assert engine.input_names == ["tiles"] and engine.output_names == ["markers", "embedding"]
         assert engine.describe().startswith("torch: torch ")
@@ -635,8 +677,10 @@ def test_torch_backend_runs_an_exported_program(model, tmp_path):
             tiles = make_tiles(b)
             assert_close(engine.run({"tiles": tiles}), reference(tiles))
     if not HAS_GPU:  # auto never picks torch on the CPU
-        with create_engine(onnx_path) as engine:
+        with create_engine(onnx_path, program=listed) as engine:
             assert engine.backend == "ort-cpu"
+    with pytest.raises(HexfastError, match="does not match the manifest's"):  # changed after it was listed
+        create_engine(onnx_path, "torch", program=ListedFile(pt2, "0" * 64))
     broken = tmp_path / "broken.pt2"
     broken.write_bytes(b"not a zip")
     with pytest.raises(ModelFileError) as info:

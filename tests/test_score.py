@@ -595,9 +595,11 @@ def test_score_many_prepares_ahead_and_leaks_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("signum, code, message", [(signal.SIGINT, 130, "hexfast: interrupted"),
-                                                   (signal.SIGTERM, 143, "hexfast: terminated")])
+                                                   (signal.SIGTERM, 143, "hexfast: terminated (SIGTERM)"),
+                                                   (signal.SIGHUP, 129, "hexfast: terminated (SIGHUP)")])
 def test_ctrl_c_and_sigterm_exit_cleanly_and_leave_no_partial_outputs(cmu, tmp_path, signum, code, message):
-    """Ctrl-C, and SIGTERM (how batch schedulers stop a job), unwind like an exception."""
+    """Ctrl-C, SIGTERM (how batch schedulers stop a job) and SIGHUP (a closed terminal or ssh
+    session) unwind like an exception."""
     out = tmp_path / "out"
     d = out / CMU_STEM
     # The default SIGINT action: a test run started in the background would hand down SIG_IGN.

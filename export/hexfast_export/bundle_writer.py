@@ -6,7 +6,9 @@ Layout (read by `hexfast.bundle.load_bundle`, which needs no torch):
     BUNDLE/hex.onnx, hex.fp16.onnx
     BUNDLE/codex_encoder.onnx, codex_encoder.fp16.onnx     (optional)
     BUNDLE/mica.onnx, mica.fp16.onnx                       (optional)
-    BUNDLE/engines/<gpu>-trt<version>/                     (TensorRT plans, built later on the target)
+
+TensorRT plans are built later, on the target, outside the bundle (see hexfast.engines.build).
+ONNX files are written whole, never with external data (the runtime refuses it).
 
 Every export runs each ONNX file with ONNX Runtime (CPU) against the torch
 model it came from and refuses to write a bundle whose figures exceed

@@ -25,6 +25,7 @@ def segment_tissue(
     close_um: float = 60.0,
     min_tissue_um2: float = 40000.0,
     max_hole_um2: float = 20000.0,
+    min_value: int = 30,
 ) -> tuple[npt.NDArray[np.uint8], int]: ...
 def tile_grid(
     mask: npt.ArrayLike,

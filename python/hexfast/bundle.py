@@ -1,22 +1,34 @@
-"""Model bundles: a directory with `manifest.json` and the ONNX files it lists (numpy/json only, no torch).
+"""Model bundles: a directory with `manifest.json` and the files it lists (numpy/json only, no torch).
 
     bundle = load_bundle()                      # the untrained demo model shipped with hexfast
     bundle = load_bundle("models/hex-lung")     # one written by `hexfast export`
     bundle.model_path("hex", "fp16")            # Path to hex.fp16.onnx
-    bundle.engine_cache_dir(key)                # BUNDLE/engines/<key>/ for TensorRT plans
+    bundle.model_file("hex")                    # ListedFile: read() checks its sha256 first
+    bundle.engine_cache_dir(key)                # TensorRT plans for this bundle, outside it
+
+A bundle is executable content: ONNX graphs, torch.export programs (which
+unpickle) and TensorRT plans can all carry code or change results. So the
+runtime opens only files the manifest lists, and a loader is only ever given
+the bytes of a `ListedFile.read()`, checked against the manifest's sha256 as
+they are read (nothing can change between the check and the load). Files the
+manifest does not list are never opened. Trust comes from the bundle's hash
+(`bundle.hash`, the sha256 of manifest.json): get bundles from someone you
+trust and compare it.
 
 `load_bundle` checks the schema, the manifest's required keys and the sha256
 of every file the manifest lists; every problem is a one-line `BundleError`
-(a `HexfastError`) naming the file. Files the manifest does not list are
-ignored, as is `engines/` (plans are built later, on the target GPU).
+(a `HexfastError`) naming the file. TensorRT plans are built on the target GPU
+into a cache outside the bundle (engine_cache_dir), with their own sha256
+recorded when built and checked when loaded (engines.build, engines.trt).
 
 Manifest (schema 2):
 
     schema: 2, demo: bool, exporter: "hexfast_export <version>", created: ISO UTC,
     markers: [40 names], tile: {"um": 56.0, "px_at_40x": 224},
     input_normalisation: text,
-    models: {name: {files: {precision: file}, inputs: {tensor: {dtype, shape}},
-                    outputs: {...}, parity: {precision: {output: max|Δ|/max|ref|}}, ...}},
+    models: {name: {files: {precision: ONNX file}, programs: {precision: .pt2 file} (optional),
+                    inputs: {tensor: {dtype, shape}}, outputs: {...},
+                    parity: {precision: {output: max|Δ|/max|ref|}}, ...}},
         names: "hex" (required), "codex_encoder", "mica" (optional)
     mica_features: "hex-embedding"   (present when "mica" is)
     sources: {role: {path, sha256}}, files: {relative path: sha256}
@@ -29,10 +41,12 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import HexfastError
+from .files import sha256_file
 
 SCHEMA = 2  # 2: MICA's graph is a chunk step with an online-softmax state (schema 1: all tiles at once)
 MANIFEST = "manifest.json"
@@ -72,12 +86,26 @@ class MissingModelError(BundleError):
     """The bundle has no such model (or not at that precision)."""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class ListedFile:
+    """A file whose sha256 was recorded (by the manifest, or by build-engines for a plan). read()
+    returns its bytes only after checking them: a loader given those bytes loads exactly what was
+    hashed, and never opens anything by path."""
+
+    path: Path
+    sha256: str
+    recorded_by: str = "the manifest"
+
+    def read(self) -> bytes:
+        try:
+            data = Path(self.path).read_bytes()
+        except OSError as e:
+            raise BundleFileMissingError(self.path, f"cannot read it: {e.strerror}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != self.sha256:
+            raise ChecksumError(self.path, f"sha256 {actual[:12]}… does not match {self.recorded_by}'s "
+                                           f"{str(self.sha256)[:12]}… (corrupted or modified file); not loading it")
+        return data
 
 
 class Bundle:
@@ -114,6 +142,24 @@ class Bundle:
                                                           f"(it has {', '.join(self.models)})")
         return entry
 
+    def listed(self, rel: str) -> ListedFile:
+        """A file of the manifest's `files`, with its recorded sha256."""
+        sha = self.manifest["files"].get(rel)
+        if sha is None:
+            raise BundleError(self.path / rel, "is not listed in the bundle's manifest.json; hexfast opens only "
+                                               "listed files")
+        return ListedFile(self.path / rel, sha)
+
+    def model_file(self, name: str, precision: str = "fp32") -> ListedFile:
+        """The model's ONNX file at `precision`, to be read (and checked) by a loader."""
+        return self.listed(self.model_path(name, precision).relative_to(self.path).as_posix())
+
+    def program_file(self, name: str, precision: str = "fp32") -> ListedFile | None:
+        """The model's torch.export program (.pt2) the manifest lists, or None: no other .pt2 is ever
+        loaded, whatever lies in the bundle's folder."""
+        program = self.model(name).get("programs", {}).get(precision)
+        return self.listed(program) if program is not None else None
+
     def model_path(self, name: str, precision: str = "fp32") -> Path:
         files = self.model(name)["files"]
         if precision not in files:
@@ -123,16 +169,22 @@ class Bundle:
         return self.path / files[precision]
 
     def engine_cache_dir(self, key: str) -> Path:
-        """Where TensorRT plans for `key` (GPU + TensorRT version) live: BUNDLE/engines/<key>/.
+        """Where TensorRT plans for `key` (GPU + TensorRT version) built from this bundle live:
+        $HEXFAST_ENGINE_CACHE (default ~/.cache/hexfast/engines) / <bundle hash[:16]> / <key>/.
 
-        Not created here. With HEXFAST_ENGINE_CACHE set (e.g. for a read-only bundle such as the
-        demo model inside site-packages) it is $HEXFAST_ENGINE_CACHE/<bundle hash[:16]>/<key>/."""
+        Outside the bundle: a plan is code the GPU runs, so it comes only from this machine's
+        build-engines, never with a bundle from elsewhere. Not created here."""
         if not key or not re.fullmatch(r"[A-Za-z0-9._+-]+", key) or key in (".", ".."):
             raise ValueError(f"engine cache key {key!r} must be a plain name (letters, digits, . _ + -)")
-        root = os.environ.get(ENGINE_CACHE_ENV)
-        if root:
-            return Path(root) / self.hash[:16] / key
-        return self.path / "engines" / key
+        return engine_cache_root() / self.hash[:16] / key
+
+
+def engine_cache_root() -> Path:
+    root = os.environ.get(ENGINE_CACHE_ENV)
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hexfast" / "engines"
 
 
 def _fail_manifest(path: Path, problem: str):
@@ -170,7 +222,10 @@ def _validate(manifest: Any, where: Path) -> None:
     for name, entry in models.items():
         if not (isinstance(entry, Mapping) and isinstance(entry.get("files"), Mapping) and "fp32" in entry["files"]):
             _fail_manifest(where, f"model '{name}' must list its files, with an fp32 one")
-        for precision, file in entry["files"].items():
+        programs = entry.get("programs", {})
+        if not isinstance(programs, Mapping):
+            _fail_manifest(where, f"model '{name}' programs must be an object of precision: file")
+        for precision, file in [*entry["files"].items(), *programs.items()]:
             if file not in files:
                 _fail_manifest(where, f"model '{name}' {precision} file {file} is not among the listed files")
     width = models["hex"].get("outputs", {}).get("markers", {}).get("shape", [None, len(markers)])[-1]

@@ -1,4 +1,4 @@
-"""Writing files so that nobody ever reads half of one.
+"""Writing files so that nobody ever reads half of one (and hashing them).
 
 Every file hexfast writes (slide outputs, the demo slide, TensorRT plans, caches) is written under
 a hidden temporary name in its own directory and renamed into place: the rename is atomic on one
@@ -9,19 +9,37 @@ knows what is being written.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import hashlib
+import itertools
 import os
 import re
+import socket
 from pathlib import Path
 
 from .errors import OutputError
 
-# temp_name's format, and only it: `.NAME.PID.tmp`.
-_TEMP = re.compile(r"^\..+\.\d+\.tmp$")
+try:
+    import fcntl
+
+    def _try_lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except ImportError:  # Windows
+    import msvcrt
+
+    def _try_lock(fd: int) -> None:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+# temp_name's format, and only it: `.NAME.PID.N.tmp` (hexfast before 0.2: `.NAME.PID.tmp`).
+_TEMP = re.compile(r"^\..+\.\d+(\.\d+)?\.tmp$")
+_TEMPS = itertools.count()
+LOCK_NAME = ".hexfast.lock"
 
 
 def temp_name(path: Path) -> Path:
-    """Hidden, per-process name beside `path`: same filesystem, so the final rename is atomic."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Hidden name beside `path`, unique to this process and call: same filesystem, so the final
+    rename is atomic, and two writers (two processes, or two threads of one) never share one."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{next(_TEMPS)}.tmp")
 
 
 def is_temp_name(name: str) -> bool:
@@ -29,13 +47,75 @@ def is_temp_name(name: str) -> bool:
 
 
 def remove_stale_temps(directory: Path) -> None:
-    """Removes what writers killed outright (SIGKILL, power loss) left in `directory`: files named
-    as temp_name names them."""
+    """Removes files named as temp_name names them from `directory`. Only for a caller holding the
+    directory's DirectoryLock: every writer there holds it, so what is left is a dead writer's
+    (SIGKILL, power loss)."""
     if not directory.is_dir():
         return
     for path in directory.iterdir():
         if is_temp_name(path.name):
             path.unlink(missing_ok=True)
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory, for as long as one writer writes into it: flock on
+    DIR/.hexfast.lock, taken without waiting, released (and the file removed) by release().
+
+    A second writer -- another process, or another call in this one -- fails at once with an
+    OutputError naming the holder ("being written by PID N on HOST since ..."). The kernel drops
+    the lock of a writer that dies, so a killed run never blocks the next."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> DirectoryLock:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(self.path.parent, f"cannot lock for writing: {one_line(e.strerror or e)}") from e
+            try:
+                _try_lock(fd)
+            except OSError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise OutputError(self.path.parent, f"is being written by {holder}; wait for it to finish or write "
+                                                    f"somewhere else (-o)") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder removed the file between our open and our lock: take the new one
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} since {started}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # before unlocking: a waiter that opened it sees the inode change and retries
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    with contextlib.suppress(OSError):
+        text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        if text:
+            return text
+    return "another hexfast run"
 
 
 @contextlib.contextmanager
@@ -78,6 +158,14 @@ def prepare_output_dir(out: Path) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(out, "output directory is not writable")
     return out
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def one_line(problem) -> str:

@@ -20,7 +20,7 @@ from .types import positive_float
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
-        self.exit(console.EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(console.EXIT_ERROR, f"{self.prog}: error: {console.printable(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,13 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # batch schedulers stop jobs with SIGTERM: clean up as for Ctrl-C
+        # Batch schedulers stop jobs with SIGTERM, a closed terminal or ssh session sends SIGHUP:
+        # clean up as for Ctrl-C (temp files go, threads stop), then exit 128 + the signal.
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _terminate)
     try:
         with console.log_records_shown():
             return args.run(args)
-    except Terminated:
-        console.note("terminated")
-        return console.EXIT_TERMINATED
+    except Terminated as e:
+        console.note(f"terminated ({signal.Signals(e.signum).name})")
+        return 128 + e.signum
     except KeyboardInterrupt:
         console.note("interrupted")
         return console.EXIT_INTERRUPTED
@@ -63,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so every `finally` runs (temp files go, threads stop)."""
+    """SIGTERM or SIGHUP, raised in the main thread so every `finally` runs (temp files go, threads stop)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)

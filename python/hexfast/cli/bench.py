@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import HexfastError
 from ..slide import open_slide
+from . import console
 from .types import backend_list, positive_float, positive_int, positive_int_list
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -80,8 +81,8 @@ def cmd_bench_stream(args) -> int:
     if unknown:
         raise HexfastError(f"unknown benchmark case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     with open_slide(args.slide) as slide:  # a bad slide fails here, with the usual one-line error
-        print(f"{slide.path.name}: {slide.dimensions[0]} x {slide.dimensions[1]} px, first {args.tiles} tissue "
-              f"tiles of {slide.tile.size} px; one process per case", file=sys.stderr)
+        console.line(f"{slide.path.name}: {slide.dimensions[0]} x {slide.dimensions[1]} px, first {args.tiles} "
+                     f"tissue tiles of {slide.tile.size} px; one process per case")
 
     def show(row: dict) -> None:
         print(f"  {row['case']:<12} {row['tiles_per_s']:8.0f} tiles/s  peak RSS {row['peak_rss_mib']:.0f} MiB",

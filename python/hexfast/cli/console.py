@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,25 @@ from pathlib import Path
 from ..errors import HexfastError
 
 EXIT_ERROR = 2  # bad input, or any slide failed
-EXIT_INTERRUPTED = 130  # Ctrl-C
-EXIT_TERMINATED = 143  # SIGTERM
+EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM and SIGHUP exit 128 + their number (143, 129)
 
 DEMO_BANNER = ("DEMO MODEL: untrained random weights. The markers and risk it writes are NOT predictions; "
                "pass --model BUNDLE with real HEX weights (hexfast export).")
+
+
+# C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """`text` with every control character written as an escape (a newline as \\n, ESC as \\x1b):
+    a file name can neither split a one-line message nor drive the terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+def out(text: str) -> None:
+    """A result line on stdout (what scripts read), escaped like every message."""
+    print(printable(text))
 
 
 def line(text: str) -> None:
@@ -44,7 +59,8 @@ def error(e: BaseException | str) -> None:
 
 def warn_demo() -> None:
     bar = "!" * 100
-    _write(f"{bar}\nhexfast: WARNING: {DEMO_BANNER}\n{bar}")
+    for text in (bar, f"hexfast: WARNING: {DEMO_BANNER}", bar):
+        _write(text)
 
 
 def warn_no_tissue(path: Path, where: Path) -> None:
@@ -53,10 +69,10 @@ def warn_no_tissue(path: Path, where: Path) -> None:
 
 
 def _write(text: str) -> None:
-    """To stderr, above any progress bar (tqdm.write clears and redraws them)."""
+    """One line to stderr, above any progress bar (tqdm.write clears and redraws them)."""
     from tqdm import tqdm
 
-    tqdm.write(text, file=sys.stderr)
+    tqdm.write(printable(text), file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -115,8 +131,9 @@ class Summary:
             return
         table = [self.HEADER, *self.rows]
         cells = [(r.slide, r.status, r.tiles, r.tiles_per_s, r.seconds) for r in table]
+        cells = [tuple(printable(v) for v in c) for c in cells]
         widths = [max(len(c[i]) for c in cells) for i in range(5)]
         for row, c in zip(table, cells):
-            print("  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + row.detail)
+            print("  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + printable(row.detail))
         bad = self.failures
         print(f"{len(self.rows) - bad} of {len(self.rows)} slides ok" + (f", {bad} FAILED" if bad else ""))

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from ..bundle import load_bundle
 from ..engines.build import build_engines
 from ..errors import HexfastError
+from . import console
 from .types import key_ints, positive_int, sorted_sizes
 
 EXPORT_EPILOG = """\
@@ -25,7 +25,8 @@ examples:
 """
 
 BUILD_EPILOG = """\
-Plans go to BUNDLE/engines/<gpu>-trt<version>/ (or $HEXFAST_ENGINE_CACHE/<bundle>/<key>/), one per model and
+Plans go to ~/.cache/hexfast/engines/<bundle hash>/<gpu>-trt<version>/ ($HEXFAST_ENGINE_CACHE moves the root),
+outside the bundle, each with its sha256 recorded for the runtime to check, one per model and
 precision, with one optimisation profile per tile size for HEX (batch 1..max-batch) and a timing cache.
 """
 
@@ -127,7 +128,7 @@ def cmd_export(args) -> int:
     from hexfast_export.bundle_writer import read_tiles, tile_files, write_bundle
 
     def log(message: str) -> None:
-        print(message, flush=True)
+        console.out(message)
 
     tiles = read_tiles(tile_files(args.parity_tiles)) if args.parity_tiles is not None else None
     sources: dict[str, Path] = {}
@@ -135,7 +136,7 @@ def cmd_export(args) -> int:
     if args.demo:
         from hexfast_export.demo import demo_models, describe
 
-        print(f"hexfast export: demo bundle, {args.size} random-weight models (seed {args.seed})", file=sys.stderr)
+        console.line(f"hexfast export: demo bundle, {args.size} random-weight models (seed {args.seed})")
         hex_model, encoder, mica = demo_models(args.size, args.seed)
         extra["demo_models"] = {"size": args.size, "seed": args.seed, **describe(args.size)}
     else:
@@ -158,7 +159,7 @@ def cmd_export(args) -> int:
             reports.append(report)
             sources["mica"] = args.mica
         for report in reports:
-            print(f"hexfast export: {report.summary()}", file=sys.stderr)
+            console.line(f"hexfast export: {report.summary()}")
     m = hex_model.cfg
     extra["hex_encoder"] = {"img_size": m.img_size, "patch_size": m.patch_size, "dim": m.dim, "depth": m.depth,
                             "heads": m.heads, "ffn_dim": m.ffn_dim, "embed_dim": hex_model.embed_dim}
@@ -166,7 +167,7 @@ def cmd_export(args) -> int:
                             demo=args.demo, fp16=args.fp16, parity_tiles=tiles, codex_quantisation=args.codex_uint8,
                             extra=extra, log=log)
     size = sum((args.out / f).stat().st_size for f in manifest["files"])
-    print(f"wrote {args.out} ({', '.join(manifest['models'])}; {len(manifest['files'])} files, "
+    console.out(f"wrote {args.out} ({', '.join(manifest['models'])}; {len(manifest['files'])} files, "
           f"{size / 1e6:.1f} MB{'; DEMO: untrained random weights' if args.demo else ''})")
     return 0
 
@@ -176,8 +177,8 @@ def cmd_build_engines(args) -> int:
     bundle = load_bundle(args.bundle)
     results = build_engines(bundle, precision=args.precision, max_batch=args.max_batch, tile_sizes=args.tile_sizes,
                             models=models, workspace_gb=args.workspace_gb,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
+                            log=console.line)
     for info in results:
-        print(f"{info['model']} {info['precision']}: {os.fspath(Path(info['directory']) / info['plan'])} "
+        console.out(f"{info['model']} {info['precision']}: {os.fspath(Path(info['directory']) / info['plan'])} "
               f"({info['seconds']:.0f} s)")
     return 0

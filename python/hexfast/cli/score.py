@@ -18,6 +18,9 @@ from ..engines import BACKENDS
 from ..errors import SlideError
 from ..files import prepare_output_dir
 from ..outputs import outputs_complete
+from ..score.pipeline import score_settings
+from ..slide import DEFAULT_MAX_TILES, dicom_files, slide_name, slide_source
+from ..slide.slide import DICOM_SUFFIX
 from ..slide.synthetic import write_demo_slide
 from ..stream import STAIN_METHODS
 from . import console
@@ -37,6 +40,12 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
     run.add_argument("--stain-norm", choices=STAIN_METHODS, default="none",
                      help="stain normalisation in the readers (default none: HEX was trained without it)")
     run.add_argument("--stride", type=positive_int, help="level-0 px between tiles (default: tile size)")
+    run.add_argument("--allow-non-brightfield", action="store_true",
+                     help="score a slide whose dark background says it is not brightfield H&E (fluorescence): "
+                          "HEX was trained on H&E, so its output there means nothing")
+    run.add_argument("--max-tiles", type=positive_int, default=DEFAULT_MAX_TILES, metavar="N",
+                     help=f"refuse a slide of more tiles (default {DEFAULT_MAX_TILES:,}: a typo such as --stride 1 "
+                          f"would mean days of compute)")
 
     score = sub.add_parser("score", parents=[common, mpp, run],
                            help="score slides: virtual CODEX (40 markers), features, MICA risk")
@@ -59,33 +68,40 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
 
 
 def expand_slides(args: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Slides named by paths, directories (their slide files) and glob patterns;
-    plus (argument, problem) for arguments that name nothing, and for slides whose
-    name (stem) an earlier slide has: both would write OUT/<stem>/."""
+    """Slides named by paths, directories and glob patterns; plus (argument, problem) for arguments
+    that name nothing, and for slides whose name an earlier slide has: both would write OUT/<name>/.
+
+    A directory holding .dcm files is one DICOM WSI series, so one slide (named after the
+    directory); any other directory stands for its slide files and its series subdirectories. A
+    .dcm file, named or matched, stands for its series."""
     found: list[Path] = []
     problems: list[tuple[str, str]] = []
     for arg in args:
         path = Path(arg)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
-            if not files:
-                problems.append((arg, "directory holds no slide files (" + ", ".join(sorted(SLIDE_SUFFIXES)) + ")"))
-            found.extend(files)
+        if path.is_dir() and not dicom_files(path):
+            inside = sorted(path.iterdir())
+            slides = [p for p in inside if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+                                            and p.suffix.lower() != DICOM_SUFFIX) or (p.is_dir() and dicom_files(p))]
+            if not slides:
+                problems.append((arg, "directory holds no slide files (" + ", ".join(sorted(SLIDE_SUFFIXES))
+                                 + ") nor DICOM series folders"))
+            found.extend(slides)
         elif not path.exists() and any(c in arg for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(arg))
             if not matches:
                 problems.append((arg, "no file matches this pattern"))
-            found.extend(matches)
+            found.extend(slide_source(p) for p in matches)
         else:
-            found.append(path)  # missing files fail per slide, with the usual message
-    by_stem: dict[str, Path] = {}
+            found.append(slide_source(path))  # missing files fail per slide, with the usual message
+    by_name: dict[str, Path] = {}
     for path in dict.fromkeys(found):
-        if path.stem in by_stem:
-            problems.append((str(path), f"has the same name as {by_stem[path.stem]}, whose outputs go to "
-                                        f"OUT/{path.stem}/ too; score it with another -o"))
+        name = slide_name(path)
+        if name in by_name:
+            problems.append((str(path), f"has the same name as {by_name[name]}, whose outputs go to "
+                                        f"OUT/{name}/ too; score it with another -o"))
         else:
-            by_stem[path.stem] = path
-    return list(by_stem.values()), problems
+            by_name[name] = path
+    return list(by_name.values()), problems
 
 
 def cmd_score(args) -> int:
@@ -112,11 +128,13 @@ def cmd_score(args) -> int:
         summary.failed(arg, problem)
 
     todo = [p for p in slides if p not in missing]
-    if args.resume:  # a slide scored with other weights is not "done"
+    if args.resume:  # a slide scored with other weights or other settings is not "done"
         bundle_hash = load_bundle(args.model).hash
-        done = [p for p in todo if outputs_complete(out, p.stem, bundle_hash=bundle_hash)]
+        settings = score_settings(stride=args.stride, mpp=args.mpp, stain_norm=args.stain_norm,
+                                  precision=args.precision)
+        done = [p for p in todo if outputs_complete(out, slide_name(p), bundle_hash=bundle_hash, settings=settings)]
         for path in done:
-            summary.add(Row(path.name, "done before", detail=str(out / path.stem)))
+            summary.add(Row(path.name, "done before", detail=str(out / slide_name(path))))
         if done:
             console.note(f"--resume: {len(done)} of {len(todo)} slides already complete")
         todo = [p for p in todo if p not in done]
@@ -134,7 +152,8 @@ def cmd_score(args) -> int:
 def _open_scorer(args, slides: int):
     """A Scorer here, or a RayScorer over the cluster --ray names: the same score_many."""
     options = dict(precision=args.precision, batch_size=args.batch_size, threads=args.threads,
-                   stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp)
+                   stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp, max_tiles=args.max_tiles,
+                   allow_non_brightfield=args.allow_non_brightfield)
     if args.ray is None:
         from ..score import Scorer
 
@@ -168,7 +187,7 @@ def _score_all(scorer, slides: list[Path], out: Path, summary: Summary, debug: b
                 continue
             n = len(result.coords)
             scored, tiles = scored + 1, tiles + n
-            where = result.out_dir or out / path.stem
+            where = result.out_dir or out / slide_name(path)
             if n == 0:  # not an error: complete, empty outputs, and a warning nobody misses
                 console.warn_no_tissue(path, where)
             summary.add(Row(path.name, "ok" if n else "NO TISSUE", str(n), f"{result.tiles_per_s:.0f}",
@@ -197,7 +216,8 @@ class _Bars:
         def progress(stage: str, done: int, total: int) -> None:
             bar = self.slides.get(path)
             if bar is None:
-                bar = self.slides[path] = tqdm(total=total, desc=path.name[:30], unit="tile", position=1,
+                bar = self.slides[path] = tqdm(total=total, desc=console.printable(path.name[:30]), unit="tile",
+                                               position=1,
                                                leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
             bar.update(done - bar.n)
         return progress

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..files import prepare_output_dir
 from ..outputs import write_tiles_h5, write_tissue_png
-from ..slide import DEFAULT_MIN_TISSUE, Slide, TissueParams, open_slide, tile_slide
+from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, Slide, TissueParams, open_slide, slide_source, tile_slide
+from ..slide.tiling import GRID_BYTES_PER_TILE
 from . import console
 from .types import fraction, positive_int, saturation_threshold
 
@@ -44,13 +45,19 @@ def add_slide_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
         help="HSV saturation above which a pixel is tissue: auto (default) is Otsu clamped to [8, 20], "
         "otsu is plain Otsu, N a fixed value (CLAM uses 8)",
     )
+    tiles.add_argument("--allow-non-brightfield", action="store_true",
+                       help="tile a slide whose dark background says it is not brightfield H&E (fluorescence)")
+    tiles.add_argument("--max-tiles", type=positive_int, default=DEFAULT_MAX_TILES, metavar="N",
+                       help=f"refuse a grid of more tiles (default {DEFAULT_MAX_TILES:,}; the grid holds "
+                            f"{GRID_BYTES_PER_TILE} bytes a tile)")
     tiles.set_defaults(run=cmd_tiles)
 
 
 def for_each_slide(args, work) -> int:
-    """Runs `work(path)` per slide; a failed slide is reported and the others go on."""
+    """Runs `work(path)` per slide (the .dcm files of one DICOM series are one slide); a failed slide
+    is reported and the others go on."""
     failed = 0
-    for path in args.slides:
+    for path in dict.fromkeys(slide_source(p) for p in args.slides):
         try:
             work(path)
         except Exception as e:
@@ -88,17 +95,17 @@ def cmd_info(args) -> int:
             print(json.dumps(info))
             return
         w, h = info["dimensions"]
-        print(f"{info['path']}")
-        print(f"  vendor          {info['vendor']}")
-        print(f"  dimensions      {w} x {h} px")
+        console.out(f"{info['path']}")
+        console.out(f"  vendor          {info['vendor']}")
+        console.out(f"  dimensions      {w} x {h} px")
         for i, level in enumerate(info["levels"]):
             lw, lh = level["dimensions"]
-            print(f"  level {i:<9} {lw} x {lh} px (downsample {level['downsample']:.3f})")
-        print(f"  mpp             {info['mpp']:.4f} µm/px (from {info['mpp_source']})")
-        print(f"  objective power {info['objective_power'] or 'unknown'}")
-        print(f"  size on glass   {w * info['mpp'] / 1000:.2f} x {h * info['mpp'] / 1000:.2f} mm")
+            console.out(f"  level {i:<9} {lw} x {lh} px (downsample {level['downsample']:.3f})")
+        console.out(f"  mpp             {info['mpp']:.4f} µm/px (from {info['mpp_source']})")
+        console.out(f"  objective power {info['objective_power'] or 'unknown'}")
+        console.out(f"  size on glass   {w * info['mpp'] / 1000:.2f} x {h * info['mpp'] / 1000:.2f} mm")
         bucket = "" if info["in_reference_bucket"] else " (outside the reference's magnification buckets)"
-        print(
+        console.out(
             f"  HEX tile        {info['tile_size_level0']} px at level 0 = {info['tile_um']:.1f} µm, "
             f"{info['magnification']:g}x{bucket}"
         )
@@ -124,8 +131,9 @@ def cmd_tiles(args) -> int:
                     f"{path}: {slide.mpp:.3f} µm/px is outside the reference's magnification buckets; "
                     f"using {slide.tile.size} px (56 µm) tiles"
                 )
-            grid = tile_slide(slide, stride=args.stride, min_tissue=args.min_tissue, params=params)
-            stem = slide.path.stem
+            grid = tile_slide(slide, stride=args.stride, min_tissue=args.min_tissue, params=params,
+                              max_tiles=args.max_tiles, allow_non_brightfield=args.allow_non_brightfield)
+            stem = slide.name
             write_tiles_h5(out / f"{stem}.h5", slide, grid)
             write_tissue_png(out / f"{stem}.tissue.png", slide, grid)
         if len(grid) == 0:
@@ -134,7 +142,7 @@ def cmd_tiles(args) -> int:
                 f"saturation threshold {grid.tissue.threshold}); wrote an empty tile grid"
             )
         seconds = time.perf_counter() - start
-        print(
+        console.out(
             f"{stem}: {len(grid)} tiles, tissue {grid.tissue.area_mm2:.2f} mm², {seconds:.2f} s "
             f"-> {out / (stem + '.h5')}"
         )

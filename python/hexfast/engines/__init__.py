@@ -3,19 +3,22 @@ TensorRT plans and torch.export programs.
 
     from hexfast.engines import create_engine, available_backends
 
-    with create_engine("bundle/hex.onnx", backend="auto", plan_dir="bundle/plans") as engine:
+    with create_engine("my/hex.onnx", backend="auto") as engine:     # your own file; a bundle's: score.open_engine
         log.info(engine.describe())          # e.g. "ort-cpu: onnxruntime 1.22.0, providers ..., fp32, <CPU> (8 threads)"
         out = engine.run({"tiles": tiles})   # uint8 [B, H, W, 3] → {"markers": [B, 40], "embedding": [B, 1024]}
 
 Backends, fastest first (what `auto` tries, in order, skipping any that cannot run):
 
-  trt       native TensorRT 10 plan from `hexfast build-engines` (<plan_dir>/<stem>.<precision>.plan);
-            needs tensorrt, cuda-python, a GPU and the plan
+  trt       native TensorRT 10 plan from `hexfast build-engines` (<plan_dir>/<stem>.<precision>.plan and
+            the record of its sha256 beside it); needs tensorrt, cuda-python, a GPU and the plan
   ort-trt   ONNX Runtime's TensorRT EP (onnxruntime-gpu + TensorRT); engine cache in plan_dir
   ort-cuda  ONNX Runtime's CUDA EP (onnxruntime-gpu); fp32 only
-  torch     a torch.export program <stem>.pt2 beside the ONNX file, on CUDA (auto: only if that file
-            exists and torch has a GPU)
+  torch     a torch.export program (`program`: a bundle's listed .pt2), on CUDA (auto: only with a
+            program and torch with a GPU)
   ort-cpu   ONNX Runtime on the CPU (onnxruntime); fp32 only
+
+A model is a path (your own file, loaded as its runtime loads it) or a bundle's ListedFile (every
+loader gets the bytes checked against the manifest's sha256; see hexfast.bundle).
 
 `auto` picks the first that can run the requested precision and logs its choice (logger
 "hexfast.engines"); an explicitly requested backend that cannot run raises BackendUnavailable,
@@ -26,7 +29,10 @@ backend is chosen, nor onnxruntime / tensorrt before they are needed.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
+from ..bundle import ListedFile
 from . import ort as _ort
 from . import torch_backend as _torch
 from . import trt as _trt
@@ -75,26 +81,32 @@ def available_backends() -> list[str]:
     return [b for b in _ORDER if _machine_problem(b) is None]
 
 
-def create_engine(onnx_path: str | os.PathLike, backend: str = "auto", *, precision: str = "fp32",
-                  plan_dir: str | os.PathLike | None = None, threads: int | None = None,
-                  device_id: int = 0) -> Engine:
-    """Load `onnx_path` on `backend` ("auto" or one of BACKENDS).
+def create_engine(model: str | os.PathLike | ListedFile, backend: str = "auto", *, precision: str = "fp32",
+                  plan_dir: str | os.PathLike | None = None, threads: int | None = None, device_id: int = 0,
+                  program: str | os.PathLike | ListedFile | None = None,
+                  output_names: list[str] | None = None) -> Engine:
+    """Load `model` (its ONNX file) on `backend` ("auto" or one of BACKENDS).
 
     precision: fp32 (all backends), fp16 / bf16 (trt: the plan built at that precision; ort-trt:
       TensorRT EP's fp16 / bf16 flags; torch: autocast).
     plan_dir: trt reads `<plan_dir>/<stem>.<precision>.plan`; ort-trt keeps its engine and timing
-      caches there (default ~/.cache/hexfast/ort-trt).
+      caches there (default ~/.cache/hexfast/ort-trt/<the ONNX's sha256[:16]>).
     threads: CPU threads (ORT intra-op threads; torch.set_num_threads); None = the runtime's default.
     device_id: the CUDA device for the GPU backends.
+    program, output_names: the torch backend's torch.export program and the names of its outputs
+      (a model given as a .pt2 path is its own program).
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     check_precision(precision)
+    if program is None and not isinstance(model, ListedFile) and os.fspath(model).endswith(".pt2"):
+        program = model
+    files = _Files(model, program, output_names, plan_dir)
     if backend != "auto":
         if precision not in _SUPPORTS[backend]:
             raise EngineError(f"{backend} runs {'/'.join(_SUPPORTS[backend])} only, not {precision}; "
                               f"{precision} needs {' or '.join(b for b in _ORDER if precision in _SUPPORTS[b])}")
-        engine = _create(backend, onnx_path, precision, plan_dir, threads, device_id)
+        engine = _create(backend, files, precision, threads, device_id)
         log.info("engine: %s", engine.describe())
         return engine
 
@@ -103,12 +115,12 @@ def create_engine(onnx_path: str | os.PathLike, backend: str = "auto", *, precis
         if precision not in _SUPPORTS[candidate]:
             skipped.append(f"{candidate}: no {precision}")
             continue
-        reason = _auto_problem(candidate, onnx_path, precision, plan_dir)
+        reason = _auto_problem(candidate, files, precision)
         if reason is not None:
             skipped.append(str(reason))
             continue
         try:
-            engine = _create(candidate, onnx_path, precision, plan_dir, threads, device_id)
+            engine = _create(candidate, files, precision, threads, device_id)
         except BackendUnavailable as exc:  # e.g. the CUDA EP's libraries failed to load: try the next
             log.warning("auto: %s", exc)
             skipped.append(str(exc))
@@ -119,20 +131,35 @@ def create_engine(onnx_path: str | os.PathLike, backend: str = "auto", *, precis
     raise BackendUnavailable("auto", f"found no backend for {precision} on this machine ({'; '.join(skipped)})")
 
 
-def _auto_problem(backend, onnx_path, precision, plan_dir):
+@dataclass(frozen=True)
+class _Files:
+    """What a backend may load for the model: its ONNX, its torch program, its TensorRT plans."""
+
+    model: str | os.PathLike | ListedFile
+    program: str | os.PathLike | ListedFile | None
+    output_names: list[str] | None
+    plan_dir: str | os.PathLike | None
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.model.path if isinstance(self.model, ListedFile) else Path(self.model)
+
+
+def _auto_problem(backend: str, files: _Files, precision: str):
     """Why auto skips `backend` for this model: the machine-level reasons plus the model-level ones
-    (trt without a plan; torch without a .pt2, decided before torch is imported)."""
+    (trt without a plan; torch without a program, decided before torch is imported)."""
     if backend == "trt":
-        return _trt.plan_problem(plan_dir, onnx_path, precision) or _trt.problem()
+        return _trt.plan_problem(files.plan_dir, files.onnx_path, precision) or _trt.problem()
     if backend == "torch":
-        return _torch.problem(onnx_path) or _machine_problem("torch")
+        return _torch.problem(files.program) or _machine_problem("torch")
     return _machine_problem(backend)
 
 
-def _create(backend, onnx_path, precision, plan_dir, threads, device_id) -> Engine:
+def _create(backend: str, files: _Files, precision: str, threads, device_id) -> Engine:
     if backend == "trt":
-        return _trt.TrtEngine(onnx_path, precision=precision, plan_dir=plan_dir, device_id=device_id)
+        return _trt.TrtEngine(files.model, precision=precision, plan_dir=files.plan_dir, device_id=device_id)
     if backend == "torch":
-        return _torch.TorchEngine(onnx_path, precision=precision, threads=threads, device_id=device_id)
-    return _ort.OrtEngine(onnx_path, backend, precision=precision, plan_dir=plan_dir, threads=threads,
+        return _torch.TorchEngine(files.program, precision=precision, threads=threads, device_id=device_id,
+                                  output_names=files.output_names)
+    return _ort.OrtEngine(files.model, backend, precision=precision, plan_dir=files.plan_dir, threads=threads,
                           device_id=device_id)

@@ -1,13 +1,17 @@
 """TensorRT plans for a model bundle, built on (and for) the local GPU. TensorRT 10 Python API.
 
-Where: `bundle.engine_cache_dir(key)` with key = GPU name + TensorRT version,
-sanitised (`engine_key`), e.g. BUNDLE/engines/NVIDIA_H100_80GB_HBM3-trt10.3.0/.
-What, per model and precision:
+Where: `bundle.engine_cache_dir(key)`, outside the bundle, with key = GPU name + TensorRT
+version, sanitised (`engine_key`): ~/.cache/hexfast/engines/<bundle hash[:16]>/NVIDIA_H100_80GB_HBM3-trt10.3.0/
+(HEXFAST_ENGINE_CACHE moves the root). What, per model and precision:
 
     <model>.<precision>.plan    serialized engine (ICudaEngine)
-    <model>.<precision>.json    what it is: ONNX file + sha256, bundle hash, GPU, TensorRT version,
+    <model>.<precision>.json    its record: plan_sha256 (checked before every load), model_sha256 (the
+                                model's fp32 ONNX, which the runtime loads it for), the ONNX it was
+                                parsed from + sha256, bundle hash, GPU, TensorRT version,
                                 optimisation profiles (index → input shapes min/opt/max), build time
     timing.cache                TensorRT timing cache shared by the builds for this key
+
+The ONNX is parsed from the bytes its manifest entry was checked against, never by path.
 
 Optimisation profiles:
 * hex: one profile per tile size S in `tile_sizes` (default 224 and 384):
@@ -33,6 +37,7 @@ The preprocessing must stay float32: the exact resize sums integers up to 2^24.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +51,7 @@ from ..errors import HexfastError
 from ..files import write_bytes_atomic
 from . import devices
 from . import trt as trt_backend
+from .onnx_external import single_file_onnx
 
 _log = logging.getLogger(__name__)
 
@@ -139,11 +145,12 @@ def build_engines(bundle: Bundle, *, precision: str = "fp32", max_batch: int = 6
         start = time.perf_counter()
         plan = _build_one(trt, logger, bundle, spec, directory / TIMING_CACHE, workspace_gb)
         seconds = time.perf_counter() - start
-        write_bytes_atomic(directory / spec["plan"], plan)
+        write_bytes_atomic(directory / spec["plan"], plan)  # the record after it: a plan without one is refused
         onnx_path = bundle.path / spec["onnx"]
         info = {
-            "model": spec["model"], "precision": precision, "plan": spec["plan"], "onnx": spec["onnx"],
-            "onnx_sha256": bundle.manifest["files"].get(spec["onnx"]), "bundle_hash": bundle.hash,
+            "model": spec["model"], "precision": precision, "plan": spec["plan"],
+            "plan_sha256": hashlib.sha256(plan).hexdigest(), "model_sha256": bundle.model_file(spec["model"]).sha256,
+            "onnx": spec["onnx"], "onnx_sha256": bundle.manifest["files"].get(spec["onnx"]), "bundle_hash": bundle.hash,
             "strongly_typed": spec["strongly_typed"], "gpu": gpu, "tensorrt": trt.__version__, "key": key,
             "max_batch": max_batch if spec["model"] == "hex" else None,
             "profiles": [dict(p, index=i) for i, p in enumerate(spec["profiles"])],
@@ -162,7 +169,7 @@ def _build_one(trt, logger, bundle: Bundle, spec: dict, cache_path: Path, worksp
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     onnx_path = bundle.path / spec["onnx"]
-    if not parser.parse_from_file(os.fspath(onnx_path)):
+    if not parser.parse(single_file_onnx(bundle.listed(spec["onnx"]))):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "unknown parser error"
         raise EngineBuildError(f"{onnx_path}: TensorRT cannot parse it ({errors.splitlines()[0]})")
     config = builder.create_builder_config()

@@ -8,10 +8,16 @@ execution provider).
   run, no allocation); outputs of shape [batch, fixed...] go to device OrtValues kept per batch size
   (others are bound by device and allocated by ORT); one device→host copy per output at the end.
 * ort-trt: TensorRT EP with its engine cache and timing cache in `plan_dir` (default
-  ~/.cache/hexfast/ort-trt), fp16 / bf16 via trt_fp16_enable / trt_bf16_enable. TensorRT EP builds
+  ~/.cache/hexfast/ort-trt/<the ONNX file's sha256[:16]>: the EP names its cached engines after
+  the graph's structure, not its weights, so two models of one architecture must never share a
+  cache), fp16 / bf16 via trt_fp16_enable / trt_bf16_enable. TensorRT EP builds
   an engine for the range of shapes it has seen and rebuilds (minutes for a ViT-L) when a shape
   falls outside it, so for a one-input model a batch smaller than the largest seen at that tile
   size is zero-padded up to it and the outputs cut back: a slide's short last batch costs no rebuild.
+
+A bundle's model comes as a ListedFile: the session is built from the bytes read() checked against
+the manifest, after refusing any graph that keeps tensors in external data files (ONNX Runtime
+would read those by path, unhashed). A plain path (your own file) is loaded as ONNX Runtime loads it.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import ListedFile
+from ..files import sha256_file
 from . import devices
 from .base import Engine, TensorSpec, check_model_file
 from .errors import BackendUnavailable, EngineError, ModelFileError, one_line
+from .onnx_external import single_file_onnx
 
 PROVIDER = {
     "ort-trt": "TensorrtExecutionProvider",
@@ -73,17 +82,19 @@ def problem(backend: str) -> BackendUnavailable | None:
     return None
 
 
-def default_cache_dir() -> Path:
+def trt_cache_dir(model_sha256: str) -> Path:
+    """ort-trt's engine and timing caches for one ONNX file, by its content."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hexfast" / "ort-trt"
+    return Path(base) / "hexfast" / "ort-trt" / model_sha256[:16]
 
 
 class OrtEngine(Engine):
-    def __init__(self, model_path, backend: str, *, precision: str = "fp32", plan_dir=None, threads=None,
-                 device_id: int = 0, iobinding_device: str | None = None):
+    def __init__(self, model: str | os.PathLike | ListedFile, backend: str, *, precision: str = "fp32",
+                 plan_dir=None, threads=None, device_id: int = 0, iobinding_device: str | None = None):
         """`iobinding_device` overrides where IOBinding buffers live ("cuda" for the GPU backends, the
         default; "cpu" lets the tests exercise the IOBinding path on a CPU-only machine)."""
-        super().__init__(model_path, precision)
+        listed = model if isinstance(model, ListedFile) else None
+        super().__init__(listed.path if listed else model, precision)
         self.backend = backend
         self.threads = threads
         self.device_id = int(device_id)
@@ -95,6 +106,7 @@ class OrtEngine(Engine):
             raise EngineError(f"{backend} runs the ONNX graph as exported (fp32); {precision} needs trt, ort-trt "
                               f"or torch")
         check_model_file(self.model_path)
+        source = str(self.model_path) if listed is None else single_file_onnx(listed)
         self._ort = ort = import_ort()
 
         options = ort.SessionOptions()
@@ -107,9 +119,9 @@ class OrtEngine(Engine):
             # (measured: 1.5 GB vs 0.84 GB peak RSS for the demo model at batch
             # 64, same speed); large buffers come straight from malloc instead.
             options.enable_cpu_mem_arena = False
-        providers = self._providers(plan_dir)
+        providers = self._providers(plan_dir, listed)
         try:
-            self.session = ort.InferenceSession(str(self.model_path), options, providers=providers)
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - ORT's pybind exceptions have no common public base
             if backend == "ort-cpu" or type(exc).__name__ in _MODEL_FAILURES:
                 raise ModelFileError(self.model_path, f"not a usable ONNX model ({one_line(exc)})") from None
@@ -133,13 +145,16 @@ class OrtEngine(Engine):
         self._largest: dict[tuple, int] = {}         # per-sample shape → largest batch seen (ort-trt padding)
         self.pad_batches = backend == "ort-trt" and len(self.inputs) == 1
 
-    def _providers(self, plan_dir) -> list:
+    def _providers(self, plan_dir, listed: ListedFile | None) -> list:
         if self.backend == "ort-cpu":
             return ["CPUExecutionProvider"]
         cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
         if self.backend == "ort-cuda":
             return [cuda, "CPUExecutionProvider"]
-        self.cache_dir = Path(plan_dir) if plan_dir is not None else default_cache_dir()
+        if plan_dir is not None:
+            self.cache_dir = Path(plan_dir)
+        else:
+            self.cache_dir = trt_cache_dir(listed.sha256 if listed else sha256_file(self.model_path))
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -1,36 +1,33 @@
 """torch backend: runs a torch.export program (`.pt2`), not the ONNX file.
 
 torch cannot execute ONNX, and converting ONNX graphs to torch (onnx2torch and the like) is a
-heavy, lossy dependency. So the torch backend runs the model's own torch.export program, saved
-with `torch.export.save` beside the ONNX file as `<onnx stem>.pt2` (or passed directly as a
-`.pt2` path). Where the bundle has none, asking for `torch` is a one-line error saying so, and
-`auto` never considers it. It runs on CUDA (`cuda:<device_id>`) when torch sees a GPU, else on the
+heavy, lossy dependency. So the torch backend runs the model's own torch.export program. A
+bundle's program is the one its manifest lists (`programs`), loaded from the bytes checked against
+the manifest's sha256: `torch.export.load` unpickles parts of the archive, so a .pt2 is code, and
+no file that merely lies beside the ONNX is ever opened. Given a plain `.pt2` path instead (your
+own file), it loads that. It runs on CUDA (`cuda:<device_id>`) when torch sees a GPU, else on the
 CPU (explicit `torch` only: useful for parity checks, never picked by `auto`); fp16 / bf16 through
 torch.autocast. torch is imported only when this backend is chosen.
 
 Output names: a program that returns a dict names its outputs; one that returns a tuple takes
-the names of the ONNX file beside it (read with `onnx`, if installed), else output0, output1, ...
+`output_names` (a bundle gives its manifest's), else output0, output1, ...
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from pathlib import Path
+import io
+import os
 
 import numpy as np
 
+from ..bundle import ListedFile
 from . import devices
 from .base import Engine, TensorSpec, check_model_file
 from .errors import BackendUnavailable, ModelFileError, one_line
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def program_path(model_path) -> Path:
-    """The torch.export program for a model: the path itself if it is a .pt2, else `<stem>.pt2` beside it."""
-    path = Path(model_path)
-    return path if path.suffix == ".pt2" else path.with_suffix(".pt2")
 
 
 def installed() -> bool:
@@ -49,35 +46,38 @@ def cuda_build_and_gpu() -> bool:
     return "+cpu" not in version and "+rocm" not in version and devices.device_count() > 0
 
 
-def problem(model_path, backend: str = "torch") -> BackendUnavailable | None:
+def problem(program, backend: str = "torch") -> BackendUnavailable | None:
+    """Why the torch backend cannot run `program` (a bundle's ListedFile, a .pt2 path, or None)."""
     if not installed():
         return BackendUnavailable(backend, "needs torch (pip install torch, from the index that matches the machine)")
-    program = program_path(model_path)
-    if not program.is_file():
-        return BackendUnavailable(backend, f"needs a torch.export program at {program} (torch cannot run the ONNX "
-                                           f"file, and this bundle has no .pt2); use ort-* or trt")
+    if program is None:
+        return BackendUnavailable(backend, "needs a torch.export program (.pt2) the bundle's manifest lists, and this "
+                                           "bundle lists none for the model (torch cannot run ONNX); use ort-* or trt")
     return None
 
 
 class TorchEngine(Engine):
     backend = "torch"
 
-    def __init__(self, model_path, *, precision: str = "fp32", threads=None, device_id: int = 0):
-        missing = problem(model_path)
+    def __init__(self, program: str | os.PathLike | ListedFile | None, *, precision: str = "fp32", threads=None,
+                 device_id: int = 0, output_names: list[str] | None = None):
+        missing = problem(program)
         if missing is not None:
             raise missing
-        program = check_model_file(program_path(model_path), "torch.export program")
-        super().__init__(program, precision)
+        listed = program if isinstance(program, ListedFile) else None
+        path = check_model_file(listed.path if listed else program, "torch.export program")
+        super().__init__(path, precision)
         import torch
 
         self._torch = torch
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(f"cuda:{int(device_id)}" if torch.cuda.is_available() else "cpu")
+        source = io.BytesIO(listed.read()) if listed else str(path)
         try:
-            exported = torch.export.load(str(program))
+            exported = torch.export.load(source)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive
-            raise ModelFileError(program, f"not a loadable torch.export program ({one_line(exc)})") from None
+            raise ModelFileError(path, f"not a loadable torch.export program ({one_line(exc)})") from None
         self._module = exported.module().to(self.device)
         self._autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
 
@@ -90,9 +90,8 @@ class TorchEngine(Engine):
             shape = tuple(int(d) if isinstance(d, int) else None for d in meta.shape) if meta is not None else ()
             specs.append(TensorSpec(name, dtype, shape))
         self.inputs = tuple(specs)
-        self._output_names = _onnx_output_names(Path(model_path)) if Path(model_path).suffix != ".pt2" else None
         n_out = len(exported.graph_signature.user_outputs)
-        names = self._output_names or [f"output{i}" for i in range(n_out)]
+        names = list(output_names) if output_names else [f"output{i}" for i in range(n_out)]
         self.outputs = tuple(TensorSpec(name, None, ()) for name in names)
         self._names_from_dict = False
 
@@ -134,15 +133,3 @@ def _host(tensor) -> np.ndarray:
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
     return tensor.cpu().numpy()
-
-
-def _onnx_output_names(onnx_path: Path) -> list[str] | None:
-    if not onnx_path.is_file() or importlib.util.find_spec("onnx") is None:
-        return None
-    import onnx
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - names are a nicety; fall back to output0..
-        return None
-    return [o.name for o in model.graph.output]

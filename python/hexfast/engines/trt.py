@@ -2,9 +2,11 @@
 
 The plan comes from `hexfast build-engines` (the bundle side); this module only loads it. It lies
 at `plan_path(plan_dir, onnx_path, precision)` = `<plan_dir>/<onnx stem>.<precision>.plan`, with
-`<onnx stem>.<precision>.json` beside it (input/output names, profile ranges, TensorRT version and
-GPU it was built with). The JSON is optional here: names, dtypes and profile ranges are read from
-the plan itself; the JSON only improves the messages when a plan does not load.
+`<onnx stem>.<precision>.json` beside it, written by the same build: the plan's sha256, the sha256
+of the model's fp32 ONNX it was built for, the TensorRT version and GPU. A plan is code the GPU
+runs, so it is loaded only from the bytes that match the recorded sha256, only when it was built
+for this model's ONNX, and never without its record. Names, dtypes and profile ranges are read
+from the plan itself.
 
 Memory and streams use cuda-python's runtime bindings (`cuda.bindings.runtime`, or the older
 `cuda.cudart`), not torch: page-locked host buffers (cudaMallocHost) and device buffers
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import ListedFile
 from . import _cuda, devices
 from .base import Engine, TensorSpec, check_model_file, log
 from .errors import BackendUnavailable, EngineError, ModelFileError, one_line
@@ -90,7 +93,11 @@ def plan_problem(plan_dir, onnx_path, precision, backend: str = "trt") -> Backen
 class TrtEngine(Engine):
     backend = "trt"
 
-    def __init__(self, onnx_path, *, precision: str = "fp32", plan_dir=None, device_id: int = 0):
+    def __init__(self, model: str | os.PathLike | ListedFile, *, precision: str = "fp32", plan_dir=None,
+                 device_id: int = 0):
+        """model: the model's fp32 ONNX file (a bundle's ListedFile, whose sha256 the plan's record
+        must name), or a plain path (the record's model hash is then not compared)."""
+        onnx_path = model.path if isinstance(model, ListedFile) else Path(model)
         super().__init__(onnx_path, precision)
         self.device_id = int(device_id)
         self._stream = None
@@ -101,13 +108,14 @@ class TrtEngine(Engine):
             raise missing
         self.plan_path = check_model_file(plan_path(plan_dir, onnx_path, precision), "TensorRT plan")
         self.meta = _read_meta(plan_meta_path(plan_dir, onnx_path, precision))
+        blob = _checked_plan(self.plan_path, self.meta, model.sha256 if isinstance(model, ListedFile) else None)
         self._trt = trt = import_trt()
         self._rt = rt = _cuda.cudart()
         _cuda.check(rt.cudaSetDevice(self.device_id))
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+        engine = self._runtime.deserialize_cuda_engine(blob)
         if engine is None:
             built = ""
             if self.meta.get("tensorrt") or self.meta.get("gpu"):
@@ -293,12 +301,29 @@ def _major(version: str) -> int:
 
 def _read_meta(path: Path) -> dict:
     if not path.is_file():
-        return {}
+        raise ModelFileError(path, "missing: a plan is loaded only with the record build-engines writes beside it "
+                                   "(its sha256); rebuild the plan with `hexfast build-engines`")
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelFileError(path, f"unreadable plan description ({one_line(exc)})") from None
-    return meta if isinstance(meta, dict) else {}
+    if not isinstance(meta, dict):
+        raise ModelFileError(path, "is not a plan description (a JSON object)")
+    return meta
+
+
+def _checked_plan(plan: Path, meta: dict, model_sha256: str | None) -> bytes:
+    """The plan's bytes, after checking them against the sha256 its record gives, and the record's
+    model against the ONNX it is loaded for."""
+    recorded = meta.get("plan_sha256")
+    if not isinstance(recorded, str) or not recorded:
+        raise ModelFileError(plan, "has no recorded sha256 (built by an older hexfast?); rebuild it with "
+                                   "`hexfast build-engines`")
+    built_for = meta.get("model_sha256")
+    if model_sha256 is not None and built_for != model_sha256:
+        raise ModelFileError(plan, f"was built for another model (ONNX sha256 {str(built_for)[:12]}…, this one is "
+                                   f"{model_sha256[:12]}…); rebuild it with `hexfast build-engines`")
+    return ListedFile(plan, recorded, recorded_by="build-engines' record").read()
 
 
 def _names(entries) -> list[str] | None:

@@ -105,6 +105,7 @@ def build_report(
     tile_count: int | None = None,
     skipped: Sequence | None = None,
     tiles_per_s: float | None = None,
+    settings: Mapping | None = None,
     extra: Mapping | None = None,
 ) -> dict:
     """The report as a dict (JSON-ready after to_jsonable).
@@ -113,6 +114,8 @@ def build_report(
     tiles_per_s: the caller's figure (the pipeline's: tiles over streaming+HEX
     time); otherwise tiles over seconds["total"], else over the sum of the stages.
     mica: MICA's summary (score.mica_stream.mica_summary), or None when MICA did not run.
+    settings: every option that changes an output (stride, MPP, tissue, stain, precision):
+    `--resume` redoes a slide scored with others.
     tile_count: tiles scored (default: the grid's); skipped: the stream's
     (index, x, y, message) for tiles that could not be read.
     """
@@ -139,6 +142,7 @@ def build_report(
         "seconds": dict(seconds),
         "tiles_per_s": tiles_per_s,
         "backend": backend,
+        "settings": dict(settings or {}),
         "bundle": bundle_provenance(bundle_hash, bundle_manifest),
         "mica": dict(mica) if mica is not None else None,
         "outputs": dict(outputs or {}),

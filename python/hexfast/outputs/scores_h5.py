@@ -24,9 +24,10 @@ import h5py
 import numpy as np
 
 from ..errors import OutputError
-from ..files import one_line, temp_name
+from ..files import temp_name
 from ..markers import MARKERS
 from ..slide import Slide, TileGrid
+from .h5file import SafeH5, write_error
 from .tiles import tile_attrs
 
 # Whole rows per chunk (readers slice by tile), <= 1 MiB each.
@@ -71,17 +72,20 @@ class ScoresH5:
         widths = {"coords": (2, np.int64), "codex_prediction": (len(marker_names), np.float32)}
         if features_dim is not None:
             widths["features"] = (int(features_dim), np.float32)
+        self._ds: dict[str, h5py.Dataset] = {}
+        self._h5: SafeH5 | None = None
         with self._reporting():
-            self._f = h5py.File(self._tmp, "w")
+            self._h5 = SafeH5(self._tmp)  # HDF5's writes go through it: a full disk is an error, not a crash
+            self._f = self._h5.file
             # Sized for the whole grid up front and trimmed at close(), so the
             # datasets are not resized per block; chunks are allocated as written.
             rows = max(len(grid), 1)
             for name, (width, dtype) in widths.items():
-                self._f.create_dataset(
+                self._ds[name] = self._f.create_dataset(
                     name, shape=(rows, width), maxshape=(None, width), dtype=dtype,
                     chunks=(ROWS_PER_CHUNK[name], width), **(GZIP if name in COMPRESSED else {}),
                 )
-            self._f["codex_prediction"].attrs["marker_names"] = list(marker_names)
+            self._ds["codex_prediction"].attrs["marker_names"] = list(marker_names)
 
     def __len__(self) -> int:
         return self._n
@@ -90,12 +94,12 @@ class ScoresH5:
         # Copies: the batch is held until the next block write, and engines may reuse their buffers.
         coords = np.array(coords, np.int64).reshape(-1, 2)
         rows = {"coords": coords, "codex_prediction": np.array(codex_prediction, np.float32)}
-        if "features" in self._f:
+        if "features" in self._ds:
             if features is None:
                 raise ValueError(f"{self.path}: features were expected with every batch")
             rows["features"] = np.array(features, np.float32)
         for name, data in rows.items():
-            want = self._f[name].shape[1]
+            want = self._ds[name].shape[1]
             if data.shape != (len(coords), want):
                 raise ValueError(f"{name} batch must be ({len(coords)}, {want}), got {data.shape}")
         for name, data in rows.items():
@@ -110,51 +114,48 @@ class ScoresH5:
         with self._reporting():
             n0, n1 = self._written, self._n
             for name, parts in self._pending.items():
-                dset = self._f[name]
+                dset = self._ds[name]
                 if n1 > len(dset):  # more tiles than the grid had: not expected, but allowed
                     dset.resize(max(n1, 2 * len(dset)), axis=0)
                 dset[n0:n1] = np.concatenate(parts)
             self._pending = {}
             self._written = n1
+            self._h5.flush()  # a write that failed is raised here, a block at a time
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of a dataset as written so far (all of them by default)."""
-        if name not in self._f:
+        if name not in self._ds:
             raise KeyError(f"{self.path}: no {name!r} dataset (features_dim=None?)")
         self._flush()
         stop = self._n if stop is None else min(stop, self._n)
         try:
-            return self._f[name][start:stop]
+            return self._ds[name][start:stop]
         except OSError as e:
-            raise OutputError(self.path, f"cannot read back {name}: {one_line(e)}") from e
+            raise OutputError(self.path, f"cannot read back {name}: {write_error(e)}") from e
 
     def close(self) -> None:
         """Adds tissue_fraction and the attributes, then renames into place."""
         self._flush()
         with self._reporting():
-            for name in ("coords", "codex_prediction", "features"):
-                if name in self._f:
-                    self._f[name].resize(self._n, axis=0)
-            coords = self._f["coords"][: self._n]
+            for dset in self._ds.values():
+                dset.resize(self._n, axis=0)
+            coords = self._ds["coords"][: self._n]
             fraction = tissue_fraction(self._grid, coords)
-            self._f.create_dataset(
+            self._ds["tissue_fraction"] = self._f.create_dataset(
                 "tissue_fraction", data=fraction, chunks=(min(max(len(fraction), 1), 8192),),
                 maxshape=(None,), **GZIP,
             )
             for key, value in self._attrs.items():
-                self._f["coords"].attrs[key] = value
+                self._ds["coords"].attrs[key] = value
                 self._f.attrs[key] = value
-            self._f.close()
+            self._h5.close()
             os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        """Drop the partial file (safe after close, twice, or after a failed open)."""
-        f = getattr(self, "_f", None)
-        try:
-            if f is not None and f.id.valid:
-                f.close()
-        except Exception:  # noqa: BLE001 - the file is being discarded anyway
-            pass
+        """Drop the partial file (safe after close, twice, or after a failed open or write)."""
+        h5 = getattr(self, "_h5", None)
+        if h5 is not None:
+            h5.discard()
         self._tmp.unlink(missing_ok=True)
 
     @contextlib.contextmanager
@@ -164,8 +165,9 @@ class ScoresH5:
             yield
         except BaseException as e:
             self.abort()
-            if isinstance(e, OSError):
-                raise OutputError(self.path, f"cannot write: {one_line(e.strerror or e)}") from e
+            problem = write_error(e)
+            if problem is not None:
+                raise OutputError(self.path, f"cannot write: {problem}") from e
             raise
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .._core import __version__
 from ..files import writing_file
 from ..slide import Slide, TileGrid
+from .h5file import writing_h5
 
 TISSUE_COLOUR = (0, 170, 60)
 TILE_COLOUR = (30, 80, 230)
@@ -36,14 +36,14 @@ def tile_attrs(slide: Slide, grid: TileGrid) -> dict:
         "tissue_threshold": grid.min_tissue,
         "saturation_threshold": grid.tissue.threshold,
         "tissue_area_mm2": grid.tissue.area_mm2,
-        "name": slide.path.stem,
+        "name": slide.name,
         "hexfast_version": __version__,
     }
 
 
 def write_tiles_h5(path: Path, slide: Slide, grid: TileGrid) -> None:
     coords = np.asarray(grid.coords, np.int64).reshape(-1, 2)
-    with writing_file(path) as tmp, h5py.File(tmp, "w") as f:
+    with writing_h5(path) as f:
         dset = f.create_dataset("coords", data=coords)
         f.create_dataset("tissue_fraction", data=np.asarray(grid.fraction, np.float32))
         for key, value in tile_attrs(slide, grid).items():

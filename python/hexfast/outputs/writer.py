@@ -5,10 +5,17 @@ OUT/<stem>/virtual_codex.ome.tif   the virtual CODEX grid, 40 named channels (om
 OUT/<stem>/overview.png            thumbnail + marker heatmaps (overview)
 OUT/<stem>/report.json             metadata, timings, MICA (report) -- written LAST
 
+One writer at a time: a SlideWriter holds OUT/<stem>/'s DirectoryLock from
+start to finish; a second one (another run into the same OUT, or another
+Scorer.score() call on the same slide) fails at once naming the holder, and
+only the holder removes temp files, which are then certainly a dead run's.
+
 Completeness: each file is written atomically; report.json is removed before
 anything else is written and written only after the other three succeeded.
-So a report.json that parses and agrees with the h5 means the set is whole and
-from one run; `--resume` skips exactly those slides (outputs_complete).
+So a report.json that parses, was made with the same bundle and settings, and
+agrees with the other three (each of which opens as what it is) means the set
+is whole and from one run; `--resume` skips exactly those slides
+(outputs_complete).
 
 The pipeline streams into a SlideWriter:
 
@@ -31,10 +38,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import tifffile
+from PIL import Image
 
 from ..bundle import Bundle
 from ..errors import OutputError
-from ..files import prepare_output_dir, remove_stale_temps
+from ..files import DirectoryLock, prepare_output_dir, remove_stale_temps
 from ..slide import Slide, TileGrid
 from .ome_tiff import write_ome_tiff
 from .overview import DEFAULT_MARKERS, write_overview_png
@@ -72,22 +81,39 @@ class SlideWriter:
         *,
         features_dim: int | None = 1024,
         overview_markers: Sequence[str] | str = DEFAULT_MARKERS,
+        settings: Mapping | None = None,
     ):
+        """settings: the options that changed these outputs (report.json's "settings"; --resume
+        compares them)."""
         self.slide, self.grid, self.bundle, self.backend = slide, grid, bundle, backend
+        self.settings = dict(settings or {})
         self.overview_markers = overview_markers
         self.started_at = dt.datetime.now(dt.timezone.utc)
-        self.paths = output_paths(out_dir, slide.path.stem)
-        prepare_output_dir(self.paths.dir)
-        remove_stale_temps(self.paths.dir)  # left by a run that was killed outright (SIGKILL, power)
-        try:
-            self.paths.report.unlink(missing_ok=True)  # incomplete until the new one is written
-        except OSError as e:
-            raise OutputError(self.paths.report, f"cannot remove the previous report: {e.strerror}") from e
-        self._h5 = ScoresH5(
-            self.paths.h5, slide, grid, bundle_hash=bundle.hash, demo=bundle.demo,
-            marker_names=bundle.markers, features_dim=features_dim,
-        )
+        self.paths = output_paths(out_dir, slide.name)
         self._done = False
+        created = not self.paths.dir.exists()
+        prepare_output_dir(self.paths.dir)
+        self._lock = DirectoryLock(self.paths.dir)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    self.paths.dir.rmdir()
+            raise
+        try:
+            remove_stale_temps(self.paths.dir)  # left by a run that was killed outright (SIGKILL, power)
+            try:
+                self.paths.report.unlink(missing_ok=True)  # incomplete until the new one is written
+            except OSError as e:
+                raise OutputError(self.paths.report, f"cannot remove the previous report: {e.strerror}") from e
+            self._h5 = ScoresH5(
+                self.paths.h5, slide, grid, bundle_hash=bundle.hash, demo=bundle.demo,
+                marker_names=bundle.markers, features_dim=features_dim,
+            )
+        except BaseException:
+            self._lock.release()
+            raise
 
     def append(self, coords: np.ndarray, markers: np.ndarray, features: np.ndarray | None = None) -> None:
         self._h5.append(coords, markers, features)
@@ -131,11 +157,12 @@ class SlideWriter:
         report = build_report(
             slide, grid, seconds=stages, backend=self.backend, bundle_hash=bundle.hash, demo=bundle.demo,
             bundle_manifest=bundle.manifest, mica=mica, started_at=self.started_at, tile_count=len(coords),
-            skipped=skipped, tiles_per_s=tiles_per_s,
+            skipped=skipped, tiles_per_s=tiles_per_s, settings=self.settings,
             outputs={k: v.name for k, v in p.as_dict().items() if k != "report"},
         )
         write_report_json(p.report, report)
         self._done = True
+        self._lock.release()
         return p.as_dict()
 
     def abort(self) -> None:
@@ -143,6 +170,7 @@ class SlideWriter:
         report.json the slide is not complete, so --resume redoes it."""
         if not self._done:
             self._h5.abort()
+            self._lock.release()
             with contextlib.suppress(OSError):  # a first run that failed leaves no empty OUT/<stem>/
                 self.paths.dir.rmdir()
 
@@ -154,11 +182,13 @@ class SlideWriter:
             self.abort()
 
 
-def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None) -> bool:
-    """True when OUT/<stem>/ holds a whole set from one finished run: all four
-    files, report.json parses, and the h5 has coords (N,2) and codex_prediction
-    (N,C) with N = the report's tile_count. With bundle_hash, the run must also
-    have used that bundle (a resume with other weights redoes the slide)."""
+def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,
+                     settings: Mapping | None = None) -> bool:
+    """True when OUT/<stem>/ holds a whole set from one finished run: all four files, report.json
+    parses, the h5 has coords (N,2) and codex_prediction (N,C) with N = the report's tile_count,
+    the OME-TIFF is a C-channel image and the PNG decodes. With bundle_hash and settings, the run
+    must also have used that bundle and those settings (a resume with other weights, another
+    stride, MPP, tissue threshold, stain normalisation or precision redoes the slide)."""
     paths = output_paths(out_dir, stem)
     if not all(p.is_file() for p in (paths.h5, paths.ome_tiff, paths.overview, paths.report)):
         return False
@@ -167,8 +197,18 @@ def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None) -
         n = int(report["tile_count"])
         if bundle_hash is not None and report["bundle"]["hash"] != bundle_hash:
             return False
+        if settings is not None and report.get("settings") != json.loads(json.dumps(dict(settings))):
+            return False
         with h5py.File(paths.h5, "r") as f:
             coords, pred = f["coords"], f["codex_prediction"]
-            return coords.shape == (n, 2) and pred.ndim == 2 and pred.shape[0] == n
-    except (OSError, ValueError, KeyError, TypeError):
+            if not (coords.shape == (n, 2) and pred.ndim == 2 and pred.shape[0] == n):
+                return False
+            channels = pred.shape[1]
+        with tifffile.TiffFile(paths.ome_tiff) as tif:
+            if not (tif.is_ome and tif.series[0].shape[0] == channels):
+                return False
+        with Image.open(paths.overview) as png:
+            png.verify()
+        return True
+    except Exception:  # noqa: BLE001 - whatever does not parse is not complete
         return False

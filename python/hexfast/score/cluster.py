@@ -36,8 +36,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..bundle import load_bundle
-from ..errors import HexfastError
-from ..files import remove_stale_temps
+from ..errors import HexfastError, OutputError
+from ..files import DirectoryLock, remove_stale_temps
+from ..slide import DEFAULT_MAX_TILES, slide_name
 from .pipeline import Scorer, SlideResult
 
 log = logging.getLogger("hexfast.cluster")
@@ -117,8 +118,8 @@ class RayScorer:
 
     def __init__(self, address: str = LOCAL, model=None, backend: str = "auto", *, precision: str = "fp32",
                  batch_size: int = 64, threads: int = 2, stain_norm: str = "none", stride: int | None = None,
-                 mpp: float | None = None, workers: int | None = None, slides: int | None = None,
-                 log_to_driver: bool = False):
+                 mpp: float | None = None, max_tiles: int = DEFAULT_MAX_TILES, allow_non_brightfield: bool = False,
+                 workers: int | None = None, slides: int | None = None, log_to_driver: bool = False):
         """slides: how many slides are coming, when known (no more actors than that)."""
         self.bundle = load_bundle(model)
         self._ray = ray = import_ray()
@@ -128,7 +129,8 @@ class RayScorer:
             n, options, engine_threads = _plan(ray, backend, workers, slides)
             scorer_kwargs = dict(model=None if model is None else str(model), backend=backend, precision=precision,
                                  batch_size=batch_size, threads=threads, stain_norm=stain_norm, stride=stride,
-                                 mpp=mpp, engine_threads=engine_threads)
+                                 mpp=mpp, max_tiles=max_tiles, allow_non_brightfield=allow_non_brightfield,
+                                 engine_threads=engine_threads)
             die_after = int(os.environ.get(DIE_AFTER_ENV, "0") or 0)
             worker_cls = ray.remote(SlideWorker)
             self._new_actor = lambda: worker_cls.options(**options).remote(scorer_kwargs, die_after)
@@ -185,7 +187,7 @@ class RayScorer:
                                     path, _cause(e), attempt + 2, RETRIES + 1)
                         pending.appendleft((path, attempt + 1))
                     else:
-                        _drop_partial_outputs(out / path.stem)
+                        _drop_partial_outputs(out / slide_name(path))
                         yield path, WorkerError(path, f"Ray worker died {attempt + 1} times ({_cause(e)})")
                     continue
                 except ray.exceptions.RayError as e:
@@ -252,7 +254,14 @@ def _cause(e: BaseException) -> str:
 
 
 def _drop_partial_outputs(d: Path) -> None:
-    """What a worker killed on its last attempt left in OUT/<stem>/ (as SlideWriter does on the next run)."""
-    remove_stale_temps(d)
+    """What a worker killed on its last attempt left in OUT/<stem>/ (as SlideWriter does on the next
+    run), unless some live writer holds the folder."""
+    if not d.is_dir():
+        return
+    try:
+        with DirectoryLock(d):
+            remove_stale_temps(d)
+    except OutputError:
+        return
     with contextlib.suppress(OSError):
         d.rmdir()  # only when empty

@@ -12,6 +12,7 @@ read while the current one is still in the engine.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -19,18 +20,19 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle, load_bundle
-from ..engines import create_engine
+from ..bundle import Bundle, BundleError, load_bundle
+from ..engines import Engine, create_engine
 from ..engines.build import engine_key
 from ..engines.devices import gpu_name
 from ..errors import HexfastError
 from ..outputs import SlideWriter
-from ..slide import DEFAULT_MIN_TISSUE, Slide, TileGrid, open_slide, tile_slide
+from .._core import __version__
+from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, Slide, TileGrid, TissueParams, open_slide, tile_slide
 from ..stream import TileStream
 from .codex_grid import codex_encoder_input, virtual_codex
 from .mica_stream import CHUNK_TILES, stream_mica
@@ -108,22 +110,31 @@ class Scorer:
     """Loads a model bundle's engines once; scores slides with them.
 
     `model`: a bundle directory, a Bundle, or None for the bundled demo model
-    (untrained: everything it writes says so). `cancel()` may be called from
-    any thread; the running `score` stops at the next batch and raises Cancelled.
+    (untrained: everything it writes says so).
+
+    `cancel()` may be called from any thread. It stops every score() and
+    score_many() in progress at its next batch (they raise Cancelled, and write
+    no partial outputs); called when none is in progress, it cancels the next one
+    to start, before that reads anything -- so a Cancel clicked while a job is
+    still being handed to its thread is never lost.
     """
 
     def __init__(self, model: str | os.PathLike | Bundle | None = None, backend: str = "auto", *,
                  precision: str = "fp32", batch_size: int = 64, threads: int = 2, stain_norm: str = "none",
                  stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
+                 max_tiles: int = DEFAULT_MAX_TILES, allow_non_brightfield: bool = False,
                  engine_threads: int | None = None):
         self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
+        self.precision = precision
         self.batch_size = batch_size
         self.threads = threads
         self.stain_norm = stain_norm
         self.stride = stride
         self.mpp = mpp
         self.min_tissue = min_tissue
-        self._cancel = threading.Event()
+        self.max_tiles = max_tiles
+        self.allow_non_brightfield = allow_non_brightfield
+        self._calls = _Calls()
 
         def engine(name: str):
             return open_engine(self.bundle, name, backend, precision, engine_threads)
@@ -139,10 +150,16 @@ class Scorer:
         """The HEX engine, one line: backend, runtime, precision, device."""
         return self.hex.describe()
 
+    @property
+    def settings(self) -> dict:
+        """Every option that changes what score() writes (report.json's "settings")."""
+        return score_settings(stride=self.stride, mpp=self.mpp, min_tissue=self.min_tissue,
+                              stain_norm=self.stain_norm, precision=self.precision)
+
     # ------------------------------------------------------------- control
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self._calls.cancel()
 
     def close(self) -> None:
         for engine in (self.hex, self.codex_encoder, self.mica):
@@ -160,17 +177,21 @@ class Scorer:
     def score(self, path: str | os.PathLike, out: str | os.PathLike | None = None,
               progress: Progress | None = None) -> SlideResult:
         """Scores one slide; with `out`, writes OUT/<stem>/ and keeps features on disk only."""
-        self._cancel.clear()
-        return self._finish(self._prepare(Path(path)), out, progress)
+        with self._calls.running() as cancelled:
+            _check(cancelled, Path(path))
+            return self._finish(self._prepare(Path(path)), out, progress, cancelled)
 
     def score_many(self, paths: Iterable[str | os.PathLike], out: str | os.PathLike | None = None,
                    progress: Callable[[Path], Progress | None] | None = None
                    ) -> Iterator[tuple[Path, SlideResult | BaseException]]:
         """Scores slides in turn, preparing the next (open, tile, first batches)
         while the current one runs. Yields (path, result or the exception it
-        raised): a failed slide does not stop the others."""
-        self._cancel.clear()
-        paths = [Path(p) for p in paths]
+        raised): a failed slide does not stop the others; Cancelled stops them all."""
+        with self._calls.running() as cancelled:
+            yield from self._score_many([Path(p) for p in paths], out, progress, cancelled)
+
+    def _score_many(self, paths: list[Path], out, progress, cancelled: threading.Event):
+        _check(cancelled, paths[0] if paths else Path("."))
         pool = ThreadPoolExecutor(1, thread_name_prefix="hexfast-prepare")
         ahead: Future | None = pool.submit(self._prepare, paths[0]) if paths else None
         try:
@@ -180,13 +201,14 @@ class Scorer:
                     prepared = current.result()
                 except Exception as e:  # noqa: BLE001 - reported per slide
                     prepared = e
-                if i + 1 < len(paths) and not self._cancel.is_set():
+                if i + 1 < len(paths) and not cancelled.is_set():
                     ahead = pool.submit(self._prepare, paths[i + 1])
                 if isinstance(prepared, Exception):
                     yield path, prepared
                     continue
                 try:
-                    result: SlideResult | Exception = self._finish(prepared, out, progress(path) if progress else None)
+                    result: SlideResult | Exception = self._finish(prepared, out, progress(path) if progress else None,
+                                                                   cancelled)
                 except Cancelled:
                     raise
                 except Exception as e:  # noqa: BLE001 - reported per slide
@@ -203,7 +225,8 @@ class Scorer:
         start = time.perf_counter()
         slide = open_slide(path, self.mpp)
         try:
-            grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue)
+            grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue, max_tiles=self.max_tiles,
+                              allow_non_brightfield=self.allow_non_brightfield)
             tiled = time.perf_counter()
             stream = None
             if len(grid):
@@ -215,11 +238,13 @@ class Scorer:
         return _Prepared(slide, grid, stream, {"tissue+grid": tiled - start,
                                                "stream start": time.perf_counter() - tiled})
 
-    def _finish(self, prep: _Prepared, out, progress: Progress | None) -> SlideResult:
+    def _finish(self, prep: _Prepared, out, progress: Progress | None, cancelled: threading.Event) -> SlideResult:
         slide, grid = prep.slide, prep.grid
-        writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend) if out is not None else None
+        writer = None
+        if out is not None:
+            writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings)
         try:
-            tiles = self._run_hex(prep, writer, progress)
+            tiles = self._run_hex(prep, writer, progress, cancelled)
             seconds = {**prep.seconds, **tiles.seconds}
             start = time.perf_counter()
             # One cell per stride (finer with overlapping tiles): the OME-TIFF and the overview show it.
@@ -251,7 +276,8 @@ class Scorer:
                 prep.stream.close()
             slide.close()
 
-    def _run_hex(self, prep: _Prepared, writer: SlideWriter | None, progress: Progress | None) -> _HexTiles:
+    def _run_hex(self, prep: _Prepared, writer: SlideWriter | None, progress: Progress | None,
+                 cancelled: threading.Event) -> _HexTiles:
         """Streams the slide through the HEX engine. Markers and coords stay in
         memory (176 bytes a tile); features go to the writer when there is one."""
         total = len(prep.grid)
@@ -263,7 +289,7 @@ class Scorer:
             progress("tiles", 0, total)
         if prep.stream is not None:
             for coords, tiles in prep.stream:
-                if self._cancel.is_set():
+                if cancelled.is_set():
                     raise Cancelled(f"{prep.slide.path}: cancelled after {done} of {total} tiles")
                 t = time.perf_counter()
                 out = self.hex.run({"tiles": tiles})
@@ -307,18 +333,44 @@ class Scorer:
 
 
 def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str = "fp32",
-                threads: int | None = None):
-    """The engine Scorer runs for the bundle's model `name`. Always from the fp32 graph: TensorRT
-    builds fp16/bf16 from it (precision flag), and finds the plans `hexfast build-engines` wrote,
-    named <model>.<precision>.plan after it, in the bundle's folder for this GPU + TensorRT."""
-    return create_engine(bundle.model_path(name, "fp32"), backend, precision=precision,
-                         plan_dir=_plan_dir(bundle, backend), threads=threads)
+                threads: int | None = None) -> Engine:
+    """The engine Scorer runs for the bundle's model `name`. Every file a loader reads is the
+    manifest's, checked against its sha256 as it is read (the fp32 ONNX, the torch program it
+    lists), or a TensorRT plan build-engines made on this machine for this bundle, checked against
+    the sha256 recorded then. fp16/bf16 come from the fp32 graph (TensorRT builds them from it).
+    The engine's outputs must be the ones the manifest promises (else a one-line BundleError)."""
+    engine = create_engine(bundle.model_file(name), backend, precision=precision, plan_dir=_plan_dir(bundle, backend),
+                           threads=threads, program=bundle.program_file(name),
+                           output_names=list(bundle.model(name).get("outputs", {})) or None)
+    try:
+        _check_outputs(bundle, name, engine)
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def _check_outputs(bundle: Bundle, name: str, engine: Engine) -> None:
+    """The graph's outputs against the manifest's (names; every fixed dimension both give)."""
+    promised = bundle.model(name).get("outputs", {})
+    found = {spec.name: spec for spec in engine.outputs}
+    where = bundle.path / "manifest.json"
+    if promised and found and set(promised) != set(found):
+        raise BundleError(where, f"the {name} model's outputs are {sorted(found)}, the manifest lists {sorted(promised)}")
+    for output, spec in found.items():
+        want = promised.get(output, {}).get("shape")
+        if not want or not spec.shape:
+            continue
+        fixed = [(i, a, b) for i, (a, b) in enumerate(zip(spec.shape, want))
+                 if isinstance(a, int) and isinstance(b, int) and a != b]
+        if len(spec.shape) != len(want) or fixed:
+            raise BundleError(where, f"the {name} model's output {output!r} has shape {list(spec.shape)} but the "
+                                     f"manifest says {list(want)} (edited manifest, or files from another bundle)")
 
 
 def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
-    """The bundle's TensorRT plan directory for this GPU + TensorRT version
-    (where `hexfast build-engines` wrote them), or None: no TensorRT/GPU here,
-    a CPU backend, or a read-only bundle (the engines then use their own cache)."""
+    """The TensorRT plans build-engines made for this bundle on this GPU + TensorRT version (outside
+    the bundle, see Bundle.engine_cache_dir), or None: no TensorRT/GPU here, or a CPU backend."""
     if backend in ("ort-cpu", "ort-cuda") or importlib.util.find_spec("tensorrt") is None:
         return None
     gpu = gpu_name()
@@ -326,9 +378,51 @@ def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
         return None
     import tensorrt
 
-    directory = bundle.engine_cache_dir(engine_key(gpu, tensorrt.__version__))
-    writable = directory.is_dir() or os.access(directory.parent if directory.parent.exists() else bundle.path, os.W_OK)
-    return directory if writable else None
+    return bundle.engine_cache_dir(engine_key(gpu, tensorrt.__version__))
+
+
+def score_settings(*, stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
+                   stain_norm: str = "none", precision: str = "fp32") -> dict:
+    """The options that change a slide's outputs, as report.json records them and --resume compares
+    them (None: the default for the slide, e.g. stride = the tile size, MPP from the file). The
+    tissue detection's own parameters are hexfast's defaults, so its version stands for them."""
+    return {"stride": stride, "mpp": mpp, "min_tissue": min_tissue, "stain_norm": stain_norm,
+            "precision": precision, "tissue": asdict(TissueParams()) | {"hexfast": __version__}}
+
+
+class _Calls:
+    """The score() / score_many() calls in progress, each with its own cancel flag: cancel() sets
+    every one, or, when there is none, the flag of the next call to start."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flags: set[threading.Event] = set()
+        self._pending = False
+
+    @contextlib.contextmanager
+    def running(self):
+        flag = threading.Event()
+        with self._lock:
+            if self._pending:
+                self._pending = False
+                flag.set()
+            self._flags.add(flag)
+        try:
+            yield flag
+        finally:
+            with self._lock:
+                self._flags.discard(flag)
+
+    def cancel(self) -> None:
+        with self._lock:
+            for flag in self._flags:
+                flag.set()
+            self._pending = not self._flags
+
+
+def _check(cancelled: threading.Event, path: Path) -> None:
+    if cancelled.is_set():
+        raise Cancelled(f"{path}: cancelled before it started")
 
 
 def _discard(future: Future) -> None:

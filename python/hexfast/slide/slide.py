@@ -1,5 +1,11 @@
 """Slide access: OpenSlide (from the openslide-bin wheel) behind a small API
-that knows the slide's physical resolution and HEX's tile size for it."""
+that knows the slide's physical resolution and HEX's tile size for it.
+
+A slide is a file, or, for DICOM WSI, the folder holding one series' .dcm files
+(one file per pyramid level, label, overview...; OpenSlide reads the whole
+series from any of them). `slide_source` turns a .dcm file into its folder, so
+a series is one slide wherever it is named, and `slide_name` gives the name its
+outputs carry: the file's stem, or the series folder's name."""
 
 from __future__ import annotations
 
@@ -77,12 +83,36 @@ def _mpp_from_properties(props) -> tuple[float, str] | None:
     return None
 
 
+DICOM_SUFFIX = ".dcm"
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The .dcm files directly in `folder` (one DICOM WSI series), sorted."""
+    try:
+        return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() == DICOM_SUFFIX and p.is_file())
+    except OSError:
+        return []
+
+
+def slide_source(path: str | os.PathLike) -> Path:
+    """What names a slide: a .dcm file stands for its series' folder; anything else for itself."""
+    path = Path(path)
+    return path.parent if path.suffix.lower() == DICOM_SUFFIX and path.is_file() else path
+
+
+def slide_name(path: str | os.PathLike) -> str:
+    """The name a slide's outputs carry (OUT/<name>/): a file's stem, a DICOM series folder's name."""
+    path = slide_source(path)
+    return path.name if path.is_dir() else path.stem
+
+
 class Slide:
     """An open whole-slide image. Use `open_slide(path, mpp=None)`."""
 
     def __init__(self, path: str | os.PathLike, mpp: float | None = None):
-        self.path = Path(path)
-        self._osr = _open(self.path)
+        self.path = slide_source(path)
+        self.name = slide_name(self.path)
+        self.file, self._osr = _open(self.path)  # the file OpenSlide opened (a DICOM series: one of its files)
         props = self._osr.properties
         self.vendor = props.get("openslide.vendor", "unknown")
         self.dimensions: tuple[int, int] = self._osr.dimensions
@@ -162,11 +192,14 @@ class Slide:
         return out
 
 
-def _open(path: Path) -> openslide.OpenSlide:
+def _open(path: Path) -> tuple[Path, openslide.OpenSlide]:
     if not path.exists():
         raise SlideError(path, "no such file")
     if path.is_dir():
-        raise SlideError(path, "is a directory, not a slide file")
+        series = dicom_files(path)
+        if not series:
+            raise SlideError(path, "is a directory, not a slide file (nor a DICOM WSI series: no .dcm files in it)")
+        path = series[0]  # OpenSlide finds the series' other files beside it
     try:
         with open(path, "rb"):
             pass
@@ -175,7 +208,7 @@ def _open(path: Path) -> openslide.OpenSlide:
     if openslide.OpenSlide.detect_format(str(path)) is None:
         raise SlideError(path, "not a slide format OpenSlide can read")
     try:
-        return openslide.OpenSlide(str(path))
+        return path, openslide.OpenSlide(str(path))
     except openslide.OpenSlideError as e:
         raise SlideError(path, f"cannot open slide: {e}") from e
 

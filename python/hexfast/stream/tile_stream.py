@@ -136,7 +136,7 @@ class TileStream:
                 self.stain_source = (estimate_stain(opened, coords, stain_norm, self.read_size)
                                      if stain_source is None else stain_source)
             self._core = _core.TileStream(
-                slide_path=os.fspath(self.path), library_path=openslide_library(), coords=coords,
+                slide_path=os.fspath(opened.file), library_path=openslide_library(), coords=coords,
                 read_size=self.read_size, out_size=self.out_size, batch_size=batch_size, threads=threads,
                 prefetch=prefetch, skip_errors=skip_errors, cache_bytes=cache_mb << 20, reader=reader,
                 stain_norm=stain_norm, stain_source=self.stain_source, stain_target=stain_target,
