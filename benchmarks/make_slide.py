@@ -11,7 +11,8 @@ Level 0 is written from a bank of pre-encoded JPEG tiles, so a 100k x 80k
 slide takes about a minute; upper levels are exact box-downsamples of level 0
 (before JPEG), so every level shows the same slide.
 
-Needs the `[bench]` extra (tifffile + imagecodecs)."""
+Every level's tiles are JPEG-encoded here with Pillow and written as they are, so only tifffile and
+Pillow are needed (no imagecodecs: the script runs on the GPU machine's image as it comes)."""
 
 from __future__ import annotations
 
@@ -129,7 +130,16 @@ def main(argv=None) -> None:
                         if tx < tx_n and ty < ty_n:
                             k = tile_index(tx, ty, len(bank)) if islands[ty, tx] else len(bank)
                             out[j * s : (j + 1) * s, i * s : (i + 1) * s] = small[4][k]
-                yield out
+                yield jpeg(out, args.quality)
+
+    def encoded(img: np.ndarray):
+        """An in-memory level as JPEG tiles, the edge ones padded with glass."""
+        for y in range(0, img.shape[0], TILE):
+            for x in range(0, img.shape[1], TILE):
+                tile = np.full((TILE, TILE, 3), BACKGROUND, np.uint8)
+                part = img[y : y + TILE, x : x + TILE]
+                tile[: part.shape[0], : part.shape[1]] = part
+                yield jpeg(tile, args.quality)
 
     level2 = reduced_level(16)
     level3 = np.asarray(Image.fromarray(level2).reduce(4))
@@ -140,15 +150,18 @@ def main(argv=None) -> None:
         f"|AppMag = {round(10 / args.mpp)}|MPP = {args.mpp:.4f}|Filename = {args.out.stem}|hexfast synthetic slide"
     )
     tmp = args.out.with_name(f".{args.out.name}.tmp")
-    common = dict(tile=(TILE, TILE), compression="jpeg", photometric="rgb", metadata=None, dtype=np.uint8)
+    # The tiles are JPEG already: written as they are, then tagged JPEG (tifffile would want imagecodecs
+    # to tag them so), YCbCr as Pillow encodes them, level 0 RGB for the Aperio encoding, as Aperio's.
+    common = dict(tile=(TILE, TILE), compression=None, photometric="rgb", metadata=None, dtype=np.uint8)
     with tifffile.TiffWriter(tmp, bigtiff=w * h > 2**31) as tw:
         tw.write(level0_tiles(), shape=(h, w, 3), description=desc, **common)
         tw.write(level1_tiles(), shape=(math.ceil(h / 4), math.ceil(w / 4), 3), description=desc, **common)
-        tw.write(level2, description=desc, **common)
-        tw.write(level3, description=desc, **common)
-    if args.encoding == "aperio":  # tifffile tags JPEG as YCbCr; level 0's pre-encoded tiles are RGB, as Aperio's
-        with tifffile.TiffFile(tmp, mode="r+") as tif:
-            tif.pages[0].tags["PhotometricInterpretation"].overwrite(2)
+        tw.write(encoded(level2), shape=level2.shape, description=desc, **common)
+        tw.write(encoded(level3), shape=level3.shape, description=desc, **common)
+    with tifffile.TiffFile(tmp, mode="r+") as tif:
+        for i, page in enumerate(tif.pages):
+            page.tags["Compression"].overwrite(7)  # JPEG
+            page.tags["PhotometricInterpretation"].overwrite(2 if i == 0 and args.encoding == "aperio" else 6)
     tmp.replace(args.out)
     size = args.out.stat().st_size
     print(

@@ -11,8 +11,9 @@ std = 0.5; a DataLoader with batch 128 (num_workers 0, pin_memory on CUDA); the
 model in torch eager mode under no_grad, fp16 autocast on CUDA, fp32 on CPU;
 outputs copied back to the host per batch.
 
-hexfast: the pipeline's own loop: C++ TileStream (2 threads, uint8 tiles, batch 64)
-→ the bundle's HEX engine (backend auto; resize and normalisation inside the graph).
+hexfast: the pipeline's own HEX pass (hexfast.score.hex_pass.run_hex): C++ TileStream (2 threads,
+uint8 tiles, batch 64) → the bundle's HEX engine (backend auto; resize and normalisation inside the
+graph), two batches in flight.
 
 Both run the same weights: the bundle's source model rebuilt in torch (hexfast_export's
 HexModel; demo bundles from their seed, real bundles from the checkpoint files named in
@@ -34,6 +35,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +141,7 @@ def run_reference(args, coords, size, out_dir: Path) -> dict:
 def run_hexfast(args, coords, size, out_dir: Path) -> dict:
     from hexfast.bundle import load_bundle
     from hexfast.score import open_engine
+    from hexfast.score.hex_pass import run_hex
     from hexfast.slide import open_slide
     from hexfast.stream import TileStream
 
@@ -148,14 +151,10 @@ def run_hexfast(args, coords, size, out_dir: Path) -> dict:
     engine = open_engine(bundle, "hex", args.backend, precision)
     load_s = time.perf_counter() - t
 
-    def infer(slide, tiles):
-        markers, embeddings = [], []
+    def infer(slide, tiles):  # the pipeline's own HEX pass (two batches in flight), features kept in memory
         with TileStream(slide, tiles, read_size=size, batch_size=args.batch_size, threads=args.threads) as stream:
-            for _, batch in stream:
-                out = engine.run({"tiles": batch})
-                markers.append(out["markers"])
-                embeddings.append(out["embedding"])
-        return markers, embeddings
+            out = run_hex(stream, engine, None, slide.path, len(tiles), None, threading.Event())
+        return [out.markers], [out.features]
 
     with open_slide(args.slide) as slide:
         for _ in range(args.warmup):

@@ -121,7 +121,7 @@ def test_timed_engine_records_each_run():
         rows = measure(timed, lambda b: np.zeros((b, 64, 64, 3), np.uint8), [2], seconds=0.0, warmup=1, min_runs=2)
     assert rows[0]["runs"] == 2
     assert [r[2] for r in timed.records] == [2, 2, 2]  # warm-up + 2 timed
-    assert all(end >= start for start, end, _, _ in timed.records)
+    assert all(end >= start and 0 <= inside <= end - start for start, end, _, _, inside in timed.records)
     assert timed.first["tiles"].shape == (2, 64, 64, 3)
     assert timed.backend == "ort-cpu"  # everything else is the engine's
 

@@ -52,8 +52,11 @@ def test_default_bundle_is_the_shipped_demo():
     assert b.manifest["mica_features"] == "hex-embedding"
     assert b.manifest["schema"] == 2 and b.manifest["exporter"].startswith("hexfast_export ")
     assert not b.has("nope")
+    for name in ("hex", "codex_encoder", "mica"):  # torch.export programs, for the torch backend
+        assert b.program_file(name) is not None and b.program_file(name).path.is_file()
+    assert b.program_file("hex", "fp16") is not None and b.program_file("mica", "fp16") is None
     size = sum(p.stat().st_size for p in b.path.iterdir())
-    assert size < 10e6, size  # a few MB inside the wheel
+    assert size < 13e6, size  # ~12 MB inside the wheel: ONNX fp32 + fp16, programs fp32 (+ HEX fp16)
 
 
 def test_manifest_records_parity_within_tolerance():
@@ -63,6 +66,8 @@ def test_manifest_records_parity_within_tolerance():
         assert set(entry["parity"]["fp32"]) == set(entry["outputs"])
         assert max(entry["parity"]["fp32"].values()) <= 1e-4, (name, entry["parity"])
         assert max(entry["parity"]["fp16"].values()) <= 1e-2, (name, entry["parity"])
+        assert max(entry["parity_program"]["fp32"].values()) <= 1e-4, (name, entry["parity_program"])
+        assert max(entry["parity_program_vs_onnx"]["fp32"].values()) <= 1e-4, name
 
 
 def test_runtime_modules_never_import_torch():

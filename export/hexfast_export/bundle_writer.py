@@ -6,13 +6,18 @@ Layout (read by `hexfast.bundle.load_bundle`, which needs no torch):
     BUNDLE/hex.onnx, hex.fp16.onnx
     BUNDLE/codex_encoder.onnx, codex_encoder.fp16.onnx     (optional)
     BUNDLE/mica.onnx, mica.fp16.onnx                       (optional)
+    BUNDLE/hex.pt2, hex.fp16.pt2, hex.bf16.pt2, codex_encoder.pt2, mica.pt2
+                                                           (torch.export programs, torch_export.py)
 
 TensorRT plans are built later, on the target, outside the bundle (see hexfast.engines.build).
 ONNX files are written whole, never with external data (the runtime refuses it).
 
-Every export runs each ONNX file with ONNX Runtime (CPU) against the torch
-model it came from and refuses to write a bundle whose figures exceed
-max|Δ|/max|ref| 1e-4 (fp32) or 1e-2 (fp16) for any output. HEX is checked
+Every export runs each ONNX file with ONNX Runtime (CPU), and each torch
+program, against the torch model it came from, and refuses to write a bundle
+whose figures exceed max|Δ|/max|ref| 1e-4 (fp32), 1e-2 (fp16) or 5e-2 (bf16)
+for any output ("parity" for the ONNX files, "parity_program" for the
+programs; the fp32 program is also compared with the fp32 ONNX file,
+"parity_program_vs_onnx"). HEX is checked
 on real H&E tiles (the CMU-1-Small-Region crops shipped in data/, plus any
 `parity_tiles` given), the CODEX encoder on seeded synthetic grids of several
 sizes (sparse, values like HEX predictions), MICA's chunk step on seeded
@@ -47,6 +52,9 @@ from .onnx_export import (
     CODEX_OUTPUT_NAMES, MICA_OUTPUT_NAMES, OPSET, OUTPUT_NAMES, CodexGraph, HexGraph, MicaGraph, compare,
     convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, mica_parity, onnx_session, worst,
 )
+from .torch_export import (
+    export_codex_program, export_hex_program, export_mica_program, load_program, program_name, run_program,
+)
 
 TILE = {"um": 56.0, "px_at_40x": 224}
 INPUT_NORMALISATION = "in graph: PIL-exact bilinear resize to 384, x/255, (x-0.5)/0.5"
@@ -56,7 +64,7 @@ CODEX_TRUNCATE_NORMALISATION = ("in graph: float16 rounding, truncation to uint8
                                 "astype('uint8')), repeat to 3 channels, PIL-exact bicubic resize to 224, x/255, "
                                 "ImageNet mean/std")
 MICA_FEATURES = "hex-embedding"
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 PARITY_DIR = Path(__file__).parent / "data" / "parity_tiles"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DTYPES = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 10: "float16", 11: "float64"}
@@ -153,11 +161,11 @@ def _signature(path: Path) -> tuple[dict, dict]:
     return describe(proto.graph.input), describe(proto.graph.output)
 
 
-def _check(name: str, precision: str, figures: dict[str, float]) -> None:
+def _check(name: str, precision: str, figures: dict[str, float], what: str = "ONNX Runtime") -> None:
     bad = {k: v for k, v in figures.items() if not (v <= TOLERANCE[precision])}
     if bad:
         shown = ", ".join(f"{k} {v:.2e}" for k, v in bad.items())
-        raise ExportError(f"{name} ({precision}): ONNX Runtime differs from torch beyond "
+        raise ExportError(f"{name} ({precision}): {what} differs from torch beyond "
                           f"{TOLERANCE[precision]:g} (max|Δ|/max|ref|: {shown}); not writing the bundle")
 
 
@@ -166,8 +174,10 @@ def _rounded(figures: dict[str, float]) -> dict[str, float]:
 
 
 def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], None], graph: nn.Module,
-                  outputs: tuple[str, ...], cases: list[dict[str, np.ndarray]], log: Callable[[str], None]) -> dict:
-    """Export one model (fp32, fp16), then run every parity case through torch once and through each file."""
+                  outputs: tuple[str, ...], cases: list[dict[str, np.ndarray]], log: Callable[[str], None],
+                  program: Callable[[Path, str], Path], program_precisions: tuple[str, ...] = ("fp32",)) -> dict:
+    """Export one model (ONNX fp32, fp16; torch programs at `program_precisions`), then run every
+    parity case through torch once and through each file."""
     files = {"fp32": f"{name}.onnx"}
     export(work / files["fp32"])
     if fp16:
@@ -180,14 +190,36 @@ def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], No
         refs = [[r.numpy() for r in _as_tuple(graph(*(torch.from_numpy(v) for v in case.values())))]
                 for case in cases]
     entry["parity"] = {}
+    onnx_fp32 = None
     for precision, file in files.items():
         session = onnx_session(work / file)
-        figures = worst(*(compare(outputs, ref, session.run(list(outputs), case)) for ref, case in zip(refs, cases)))
+        got = [session.run(list(outputs), case) for case in cases]
         del session
+        if precision == "fp32":
+            onnx_fp32 = got
+        figures = worst(*(compare(outputs, ref, g) for ref, g in zip(refs, got)))
         log(f"{name} {precision}: ONNX Runtime vs torch fp32, max|Δ|/max|ref| "
             + ", ".join(f"{k} {v:.2e}" for k, v in figures.items()))
         _check(name, precision, figures)
         entry["parity"][precision] = _rounded(figures)
+    entry["programs"], entry["parity_program"] = {}, {}
+    for precision in program_precisions:
+        file = program_name(name, precision)
+        loaded = load_program(program(work / file, precision))
+        got = [run_program(loaded, case) for case in cases]
+        del loaded
+        figures = worst(*(compare(outputs, ref, g) for ref, g in zip(refs, got)))
+        log(f"{name} {precision}: torch.export program vs torch fp32, max|Δ|/max|ref| "
+            + ", ".join(f"{k} {v:.2e}" for k, v in figures.items()))
+        _check(f"{name} program", precision, figures, "the torch.export program")
+        entry["programs"][precision] = file
+        entry["parity_program"][precision] = _rounded(figures)
+        if precision == "fp32":
+            vs_onnx = worst(*(compare(outputs, [np.asarray(a) for a in o], g) for o, g in zip(onnx_fp32, got)))
+            log(f"{name} fp32: torch.export program vs the ONNX file, max|Δ|/max|ref| "
+                + ", ".join(f"{k} {v:.2e}" for k, v in vs_onnx.items()))
+            _check(f"{name} program vs ONNX", "fp32", vs_onnx, "the torch.export program")
+            entry["parity_program_vs_onnx"] = {"fp32": _rounded(vs_onnx)}
     return entry
 
 
@@ -210,11 +242,13 @@ def _as_tuple(out) -> tuple:
 
 def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: nn.Module | None = None,
                  mica: Mica | None = None, sources: dict[str, str | os.PathLike] | None = None, demo: bool = False,
-                 fp16: bool = True, parity_tiles: list[np.ndarray] | None = None, codex_quantisation: str = "scale",
+                 fp16: bool = True, bf16: bool = False, parity_tiles: list[np.ndarray] | None = None,
+                 codex_quantisation: str = "scale",
                  extra: dict | None = None, created: str | None = None,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
-    """Export the models to ONNX (fp32, and fp16 when `fp16`), check parity, write the bundle to `out`
-    atomically (built in a temporary directory beside it, then renamed). Returns the manifest."""
+    """Export the models to ONNX (fp32, and fp16 when `fp16`) and torch.export programs (fp32; HEX also
+    fp16 / bf16 when asked), check parity, write the bundle to `out` atomically (built in a temporary
+    directory beside it, then renamed). Returns the manifest."""
     out = Path(out)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,16 +260,19 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
         tiles = default_parity_tiles() + list(parity_tiles or [])
         batches = _by_size(tiles)
         models: dict[str, dict] = {}
+        hex_precisions = ("fp32",) + ("fp16",) * fp16 + ("bf16",) * bf16
         models["hex"] = _export_model(
             "hex", work, fp16, lambda p: export_hex_onnx(hex_model, p), HexGraph(hex_model), OUTPUT_NAMES,
-            [{"tiles": b} for b in batches], log)
+            [{"tiles": b} for b in batches], log, lambda p, precision: export_hex_program(hex_model, p, precision),
+            hex_precisions)
         models["hex"]["parity_data"] = (f"{len(tiles)} real H&E tiles ({', '.join(sorted({f'{t.shape[0]} px' for t in tiles}))})")
         if codex_encoder is not None:
             grids = codex_parity_grids()
             models["codex_encoder"] = _export_model(
                 "codex_encoder", work, fp16,
                 lambda p: export_codex_onnx(codex_encoder, p, quantisation=codex_quantisation),
-                CodexGraph(codex_encoder, codex_quantisation), CODEX_OUTPUT_NAMES, [{"codex": g} for g in grids], log)
+                CodexGraph(codex_encoder, codex_quantisation), CODEX_OUTPUT_NAMES, [{"codex": g} for g in grids], log,
+                lambda p, _: export_codex_program(codex_encoder, p, codex_quantisation))
             models["codex_encoder"]["parity_data"] = "seeded synthetic sparse grids 30x30, 57x41, 300x260"
             models["codex_encoder"]["input_normalisation"] = (
                 CODEX_NORMALISATION if codex_quantisation == "scale" else CODEX_TRUNCATE_NORMALISATION)
@@ -245,7 +282,7 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
             bags = mica_parity_bags(mica.cfg.path_dim, mica.cfg.codex_dim)
             models["mica"] = _export_model(
                 "mica", work, fp16, lambda p: export_mica_onnx(mica, p), MicaGraph(mica), MICA_OUTPUT_NAMES,
-                mica_step_cases(bags, mica.cfg.dim), log)
+                mica_step_cases(bags, mica.cfg.dim), log, lambda p, _: export_mica_program(mica, p))
             models["mica"]["parity_data"] = ("chunk step: seeded Gaussian bags of 1, 37 and 1000 tiles from the empty "
                                              "and a mid-slide state; streamed: the 37- and 1000-tile bags in chunks "
                                              "of 300 vs the whole-bag forward")

@@ -56,7 +56,9 @@ FP32_BLOCK_PREFIX = ("/preprocess/", "/accumulate/")
 
 
 class HexGraph(nn.Module):
-    """uint8 NHWC tiles → (markers, embedding): what the ONNX file computes."""
+    """uint8 NHWC tiles → (markers, embedding) float32: what the ONNX file (and the torch program,
+    torch_export) computes. A model whose weights were cast to bf16/fp16 runs in that dtype after
+    the float32 preprocessing (the exact resize needs it)."""
 
     def __init__(self, model: HexModel):
         super().__init__()
@@ -64,8 +66,14 @@ class HexGraph(nn.Module):
         self.model = model
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.encode(self.preprocess(tiles))
+        x = self.preprocess(tiles)
+        dtype = self.model.regression_head1[0].weight.dtype
+        if dtype != torch.float32:  # decided when traced: float32 graphs have no casts
+            x = x.to(dtype)
+        embedding = self.model.encode(x)
         markers, _ = self.model.forward_head(embedding)
+        if dtype != torch.float32:
+            return markers.float(), embedding.float()
         return markers, embedding
 
 
@@ -92,8 +100,9 @@ class MicaGraph(nn.Module):
         super().__init__()
         self.mica = mica
 
-    def forward(self, h_path: torch.Tensor, h_codex: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor):
-        return self.mica.forward_chunk(h_path, h_codex, lse, mean)
+    def forward(self, h_path: torch.Tensor, h_codex: torch.Tensor, coattn_lse_in: torch.Tensor,
+                coattn_mean_in: torch.Tensor):  # the ONNX file's input names, which the torch program keeps
+        return self.mica.forward_chunk(h_path, h_codex, coattn_lse_in, coattn_mean_in)
 
 
 def _export(graph: nn.Module, example: tuple, path: Path, inputs, outputs, axes: dict, opset: int) -> None:

@@ -155,8 +155,8 @@ class Bundle:
         return self.listed(self.model_path(name, precision).relative_to(self.path).as_posix())
 
     def program_file(self, name: str, precision: str = "fp32") -> ListedFile | None:
-        """The model's torch.export program (.pt2) the manifest lists, or None: no other .pt2 is ever
-        loaded, whatever lies in the bundle's folder."""
+        """The model's torch.export program (.pt2) at `precision` the manifest lists, or None: no
+        other .pt2 is ever loaded, whatever lies in the bundle's folder."""
         program = self.model(name).get("programs", {}).get(precision)
         return self.listed(program) if program is not None else None
 

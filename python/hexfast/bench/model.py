@@ -51,27 +51,75 @@ DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
 
 
 class TimedEngine:
-    """An engine that records each run: (start, end) perf_counter seconds, tiles, process CPU
-    seconds. Everything else is the wrapped engine's. Keeps a copy of the first batch when asked."""
+    """An engine that records each batch: (submitted, collected) perf_counter seconds, tiles,
+    process CPU seconds and seconds spent inside submit + collect (with two batches in flight the
+    (submitted, collected) spans overlap; the time inside does not). Everything else is the
+    wrapped engine's. Keeps a copy of the first batch when asked."""
 
     def __init__(self, engine, keep_first: bool = False):
         self.engine = engine
-        self.records: list[tuple[float, float, int, float]] = []
+        self.records: list[tuple[float, float, int, float, float]] = []
         self.first: dict | None = None
         self._keep_first = keep_first
 
-    def run(self, feeds):
+    def submit(self, feeds):
         c0, t0 = cpu_seconds(), time.perf_counter()
-        out = self.engine.run(feeds)
-        t1, c1 = time.perf_counter(), cpu_seconds()
+        handle = self.engine.submit(feeds)
         first = next(iter(feeds.values()))
-        self.records.append((t0, t1, int(first.shape[0]) if first.ndim else 1, c1 - c0))
         if self._keep_first and self.first is None:
             self.first = {k: np.array(v) for k, v in feeds.items()}
+        return handle, t0, int(first.shape[0]) if first.ndim else 1, cpu_seconds() - c0, time.perf_counter() - t0
+
+    def collect(self, timed_handle):
+        handle, t0, tiles, cpu, inside = timed_handle
+        c0, t1 = cpu_seconds(), time.perf_counter()
+        out = self.engine.collect(handle)
+        t2 = time.perf_counter()
+        self.records.append((t0, t2, tiles, cpu + cpu_seconds() - c0, inside + t2 - t1))
         return out
+
+    def run(self, feeds):
+        return self.collect(self.submit(feeds))
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+
+class SimulatedEngine:
+    """A GPU that scores `tiles_per_s` tiles a second and does nothing else, for measuring the
+    pipeline on a machine without one (`hexfast bench e2e --simulate-engine`; never reachable
+    from `hexfast score`). submit() puts the batch on the device's timeline and returns, collect()
+    sleeps (the GIL released) until it is done; outputs are zeros of HEX's shapes."""
+
+    backend = "simulated"
+    precision = "fp32"
+
+    def __init__(self, tiles_per_s: float, markers: int = 40, embedding: int = 1024):
+        self.tiles_per_s = float(tiles_per_s)
+        self.widths = {"markers": markers, "embedding": embedding}
+        self.busy_until = 0.0
+        self.outputs = ()
+
+    def submit(self, feeds):
+        n = int(next(iter(feeds.values())).shape[0])
+        self.busy_until = max(time.perf_counter(), self.busy_until) + n / self.tiles_per_s
+        return self.busy_until, n
+
+    def collect(self, handle):
+        done, n = handle
+        wait = done - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return {name: np.zeros((n, width), np.float32) for name, width in self.widths.items()}
+
+    def run(self, feeds):
+        return self.collect(self.submit(feeds))
+
+    def describe(self) -> str:
+        return f"simulated engine: {self.tiles_per_s:g} tiles/s, no compute"
+
+    def close(self) -> None:
+        pass
 
 
 def gpu_memory_mib(engine=None) -> float | str:
@@ -196,10 +244,12 @@ def _engine_alone(timed: TimedEngine, feeds: dict, seconds: float, warmup: int) 
 
 def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp32", batch_size: int = 64,
              threads: int = 2, engine_threads: int | None = None, engine_seconds: float = 5.0,
-             out: str | None = None) -> dict:
+             out: str | None = None, simulate_engine: float | None = None) -> dict:
     """Scores `slide` once, tracing the HEX engine, with the engine measured alone (this process) just
     before (random tiles of the slide's tile size, batch_size) and just after (the slide's first batch):
-    bracketing the slide in time makes the ratio less sensitive to other load on the machine."""
+    bracketing the slide in time makes the ratio less sensitive to other load on the machine.
+    simulate_engine: HEX replaced by SimulatedEngine at that many tiles/s (its rate is then the
+    engine-alone figure)."""
     bundle = model if isinstance(model, Bundle) else load_bundle(model)
     start = time.perf_counter()
     scorer = Scorer(bundle, backend, precision=precision, batch_size=batch_size, threads=threads,
@@ -210,10 +260,15 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
         scratch = tempfile.mkdtemp(prefix="hexfast-bench-")
         out = scratch
     try:
-        timed = TimedEngine(scorer.hex, keep_first=True)
         with open_slide(slide) as s:
             tile_px = s.tile.size
-        before = _engine_alone(timed, {"tiles": random_tiles(batch_size, tile_px)}, engine_seconds, warmup=1)
+        if simulate_engine:
+            timed = TimedEngine(SimulatedEngine(simulate_engine), keep_first=True)
+            before = {"batch": batch_size, "tiles_per_s": float(simulate_engine), "latency_ms": 1e3 * batch_size /
+                      simulate_engine, "cpu_ms_per_tile": 0.0, "runs": 0}
+        else:
+            timed = TimedEngine(scorer.hex, keep_first=True)
+            before = _engine_alone(timed, {"tiles": random_tiles(batch_size, tile_px)}, engine_seconds, warmup=1)
         scorer.hex = timed
         c0, t0 = cpu_seconds(), time.perf_counter()
         result = scorer.score(slide, out=out)
@@ -222,16 +277,16 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
         gpu = gpu_memory_mib(timed)
         n = len(result.coords)
         after = None
-        if timed.first is not None:  # no warm-up: the engine has just run this very batch through the slide
+        if timed.first is not None and not simulate_engine:  # no warm-up: the engine has just run this batch
             after = _engine_alone(timed, timed.first, engine_seconds, warmup=0)
         alone = [m for m in (before, after) if m is not None and m["batch"] == (after or before)["batch"]]
         engine_rate = sum(m["tiles_per_s"] for m in alone) / len(alone)
         engine_cpu = sum(m["cpu_ms_per_tile"] for m in alone) / len(alone)
         stream_hex = result.seconds.get("stream+hex", 0.0)
-        engine_within = sum(r[1] - r[0] for r in timed.records)
+        engine_within = sum(r[4] for r in timed.records)
         busy = engine_within / stream_hex if stream_hex else None
         during_cpu = 1e3 * sum(r[3] for r in timed.records) / n if n else None
-        cpu_eff = engine_cpu / during_cpu if during_cpu else None
+        cpu_eff = engine_cpu / during_cpu if during_cpu and not simulate_engine else None
         e2e_rate = result.tiles_per_s
         # From the end of the first batch on (without the stream filling its ring).
         steady = None
@@ -254,7 +309,10 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
             "during_cpu_ms_per_tile": during_cpu, "cpu_efficiency": cpu_eff,
             "pipeline_efficiency_load_robust": busy * cpu_eff if busy is not None and cpu_eff is not None else None,
             "cpu_ms_per_tile": 1e3 * cpu_s / n if n else 0.0, "peak_rss_mib": rss, "gpu_mem_mib": gpu,
-            "trace": [{"start": a - t0, "end": b - t0, "tiles": k, "cpu": c} for a, b, k, c in timed.records],
+            "simulated_engine_tiles_per_s": simulate_engine,
+            "ideal_engine_seconds": n / simulate_engine if simulate_engine else None,
+            "trace": [{"start": a - t0, "end": b - t0, "tiles": k, "cpu": c, "inside": i}
+                      for a, b, k, c, i in timed.records],
         }
     finally:
         scorer.close()
@@ -275,11 +333,12 @@ def stream_case(slide: str, threads: int = 2, batch_size: int = 64) -> dict:
 
 def bench_e2e(slide, model=None, backend: str = "auto", precision: str = "fp32", batch_size: int = 64,
               threads: int = 2, engine_threads: int | None = None, engine_seconds: float = 5.0,
-              out: str | None = None, isolate: bool = True) -> dict:
+              out: str | None = None, isolate: bool = True, simulate_engine: float | None = None) -> dict:
     """e2e_case and stream_case, each in its own process; the combined fields (module docstring)."""
     kwargs = dict(slide=str(slide), model=None if model is None else str(model), backend=backend,
                   precision=precision, batch_size=batch_size, threads=threads, engine_threads=engine_threads,
-                  engine_seconds=engine_seconds, out=None if out is None else str(out))
+                  engine_seconds=engine_seconds, out=None if out is None else str(out),
+                  simulate_engine=simulate_engine)
     result = _in_subprocess("e2e", **kwargs) if isolate else e2e_case(**kwargs)
     stream_kwargs = dict(slide=str(slide), threads=threads, batch_size=batch_size)
     stream = _in_subprocess("stream", **stream_kwargs) if isolate else stream_case(**stream_kwargs)

@@ -56,6 +56,9 @@ def add_bench_commands(sub, common: argparse.ArgumentParser, parser_class) -> No
     e2e.add_argument("--threads", type=positive_int, default=2, help="TileStream threads (default 2)")
     e2e.add_argument("--seconds", type=positive_float, default=5.0, help="timed seconds of the engine-only run")
     e2e.add_argument("--out", type=Path, help="keep the slide's outputs here (default: a scratch directory)")
+    e2e.add_argument("--simulate-engine", type=positive_float, metavar="TILES_PER_S",
+                     help="replace HEX with an engine that only waits as long as a GPU at this rate would "
+                          "(benchmark only): the pipeline's efficiency without a GPU")
     e2e.set_defaults(run=cmd_bench_e2e)
 
     roof = bench_sub.add_parser("roofline", parents=[common, model],
@@ -120,7 +123,7 @@ def cmd_bench_e2e(args) -> int:
     with open_slide(args.slide):  # a bad slide fails here, with the usual one-line error
         pass
     result = bench_e2e(args.slide, args.model, args.backend, args.precision, args.batch_size, args.threads,
-                       args.engine_threads, args.seconds, args.out)
+                       args.engine_threads, args.seconds, args.out, simulate_engine=args.simulate_engine)
     print(format_e2e(result))
     _write_json(args.json, result)
     return 0

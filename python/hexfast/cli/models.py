@@ -51,7 +51,9 @@ def add_model_commands(sub, common: argparse.ArgumentParser) -> None:
     export.add_argument("--size", choices=("tiny", "full"), default="tiny",
                         help="demo model size: tiny (a few MB, fast on CPU) or full (real architectures)")
     export.add_argument("--seed", type=int, default=0, help="demo weight seed (default 0)")
-    export.add_argument("--fp16", action="store_true", help="also write fp16 ONNX files (float32 inputs/outputs)")
+    export.add_argument("--fp16", action="store_true",
+                        help="also write fp16 ONNX files (float32 inputs/outputs) and an fp16 HEX torch program")
+    export.add_argument("--bf16", action="store_true", help="also write a bf16 HEX torch program (for the GPU)")
     export.add_argument("--parity-tiles", type=Path, metavar="DIR",
                         help="extra H&E tile images for the HEX parity check (beside the built-in CMU-1 tiles)")
     export.add_argument("--codex-uint8", choices=("scale", "truncate"), default="scale",
@@ -164,7 +166,8 @@ def cmd_export(args) -> int:
     extra["hex_encoder"] = {"img_size": m.img_size, "patch_size": m.patch_size, "dim": m.dim, "depth": m.depth,
                             "heads": m.heads, "ffn_dim": m.ffn_dim, "embed_dim": hex_model.embed_dim}
     manifest = write_bundle(args.out, hex_model=hex_model, codex_encoder=encoder, mica=mica, sources=sources,
-                            demo=args.demo, fp16=args.fp16, parity_tiles=tiles, codex_quantisation=args.codex_uint8,
+                            demo=args.demo, fp16=args.fp16, bf16=args.bf16, parity_tiles=tiles,
+                            codex_quantisation=args.codex_uint8,
                             extra=extra, log=log)
     size = sum((args.out / f).stat().st_size for f in manifest["files"])
     console.out(f"wrote {args.out} ({', '.join(manifest['models'])}; {len(manifest['files'])} files, "

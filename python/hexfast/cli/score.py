@@ -18,14 +18,14 @@ from ..engines import BACKENDS
 from ..errors import SlideError
 from ..files import prepare_output_dir
 from ..outputs import outputs_complete
-from ..score.pipeline import score_settings
+from ..score.pipeline import Scorer, score_settings
 from ..slide import DEFAULT_MAX_TILES, dicom_files, slide_name, slide_source
 from ..slide.slide import DICOM_SUFFIX
 from ..slide.synthetic import write_demo_slide
 from ..stream import STAIN_METHODS
 from . import console
 from .console import Row, Summary
-from .types import positive_int
+from .types import non_negative_int, positive_int
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 
@@ -34,7 +34,11 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--model", type=Path, help="model bundle directory (default: the bundled, untrained demo model)")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: fastest available)")
-    run.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    run.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                     help="HEX's precision (the slide-level models always run fp32)")
+    run.add_argument("--device", type=non_negative_int, default=0, metavar="N", help="CUDA device (default 0)")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="torch backend on a GPU: replay CUDA graphs captured per batch shape")
     run.add_argument("--batch-size", type=positive_int, default=64)
     run.add_argument("--threads", type=positive_int, default=2, help="tile-reading threads")
     run.add_argument("--stain-norm", choices=STAIN_METHODS, default="none",
@@ -155,9 +159,7 @@ def _open_scorer(args, slides: int):
                    stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp, max_tiles=args.max_tiles,
                    allow_non_brightfield=args.allow_non_brightfield)
     if args.ray is None:
-        from ..score import Scorer
-
-        return Scorer(args.model, args.backend, **options)
+        return Scorer(args.model, args.backend, device=args.device, cuda_graphs=args.cuda_graphs, **options)
     from ..score.cluster import RayScorer
 
     return RayScorer(args.ray, args.model, args.backend, workers=args.ray_workers, slides=slides,

@@ -84,24 +84,25 @@ def available_backends() -> list[str]:
 def create_engine(model: str | os.PathLike | ListedFile, backend: str = "auto", *, precision: str = "fp32",
                   plan_dir: str | os.PathLike | None = None, threads: int | None = None, device_id: int = 0,
                   program: str | os.PathLike | ListedFile | None = None,
-                  output_names: list[str] | None = None) -> Engine:
+                  output_names: list[str] | None = None, cuda_graphs: bool = False) -> Engine:
     """Load `model` (its ONNX file) on `backend` ("auto" or one of BACKENDS).
 
     precision: fp32 (all backends), fp16 / bf16 (trt: the plan built at that precision; ort-trt:
-      TensorRT EP's fp16 / bf16 flags; torch: autocast).
+      TensorRT EP's fp16 / bf16 flags; torch: the program exported at that precision).
     plan_dir: trt reads `<plan_dir>/<stem>.<precision>.plan`; ort-trt keeps its engine and timing
       caches there (default ~/.cache/hexfast/ort-trt/<the ONNX's sha256[:16]>).
     threads: CPU threads (ORT intra-op threads; torch.set_num_threads); None = the runtime's default.
     device_id: the CUDA device for the GPU backends.
     program, output_names: the torch backend's torch.export program and the names of its outputs
-      (a model given as a .pt2 path is its own program).
+      (a model given as a .pt2 path is its own program); cuda_graphs: the torch backend replays
+      CUDA graphs captured per batch shape.
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     check_precision(precision)
     if program is None and not isinstance(model, ListedFile) and os.fspath(model).endswith(".pt2"):
         program = model
-    files = _Files(model, program, output_names, plan_dir)
+    files = _Files(model, program, output_names, plan_dir, cuda_graphs)
     if backend != "auto":
         if precision not in _SUPPORTS[backend]:
             raise EngineError(f"{backend} runs {'/'.join(_SUPPORTS[backend])} only, not {precision}; "
@@ -139,6 +140,7 @@ class _Files:
     program: str | os.PathLike | ListedFile | None
     output_names: list[str] | None
     plan_dir: str | os.PathLike | None
+    cuda_graphs: bool
 
     @property
     def onnx_path(self) -> Path:
@@ -160,6 +162,6 @@ def _create(backend: str, files: _Files, precision: str, threads, device_id) -> 
         return _trt.TrtEngine(files.model, precision=precision, plan_dir=files.plan_dir, device_id=device_id)
     if backend == "torch":
         return _torch.TorchEngine(files.program, precision=precision, threads=threads, device_id=device_id,
-                                  output_names=files.output_names)
+                                  output_names=files.output_names, cuda_graphs=files.cuda_graphs)
     return _ort.OrtEngine(files.model, backend, precision=precision, plan_dir=files.plan_dir, threads=threads,
                           device_id=device_id)

@@ -78,6 +78,15 @@ class Engine:
                 raise EngineClosedError(f"{self.backend} engine for {self.model_path} is closed; create a new one to run")
             return self._run(checked)
 
+    def submit(self, feeds: Mapping[str, np.ndarray]):
+        """Start one batch; `collect(handle)` returns its outputs. An engine that can overlap the
+        transfer and the compute with the caller's work (torch on CUDA) returns at once; the others
+        run the batch here. Submit the next batch before collecting this one to keep a GPU busy."""
+        return self.run(feeds)
+
+    def collect(self, handle) -> dict[str, np.ndarray]:
+        return handle
+
     def __call__(self, *args, **feeds) -> dict[str, np.ndarray]:
         """engine(tiles) for a one-input model, or engine(name=array, ...)."""
         if args:

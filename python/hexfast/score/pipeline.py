@@ -26,25 +26,21 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle, BundleError, load_bundle
-from ..engines import Engine, create_engine
+from ..engines import BackendUnavailable, Engine, create_engine
 from ..engines.build import engine_key
 from ..engines.devices import gpu_name
-from ..errors import HexfastError
 from ..outputs import SlideWriter
 from .._core import __version__
 from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, Slide, TileGrid, TissueParams, open_slide, tile_slide
 from ..stream import TileStream
 from .codex_grid import codex_encoder_input, virtual_codex
+from .hex_pass import Cancelled, HexTiles, run_hex
 from .mica_stream import CHUNK_TILES, stream_mica
 
 log = logging.getLogger("hexfast.pipeline")
 
 # progress(stage, done, total): stage is "tiles" while the slide streams.
 Progress = Callable[[str, int, int], None]
-
-
-class Cancelled(HexfastError):
-    """Scoring was cancelled (Scorer.cancel())."""
 
 
 @dataclass
@@ -94,18 +90,6 @@ class _Prepared:
     seconds: dict[str, float]
 
 
-@dataclass
-class _HexTiles:
-    """What the HEX pass over a slide gives: the scored tiles in grid order (features only when
-    no writer took them), the tiles the stream skipped, and its timings."""
-
-    coords: np.ndarray
-    markers: np.ndarray
-    features: np.ndarray | None
-    skipped: list
-    seconds: dict[str, float]
-
-
 class Scorer:
     """Loads a model bundle's engines once; scores slides with them.
 
@@ -123,7 +107,7 @@ class Scorer:
                  precision: str = "fp32", batch_size: int = 64, threads: int = 2, stain_norm: str = "none",
                  stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
                  max_tiles: int = DEFAULT_MAX_TILES, allow_non_brightfield: bool = False,
-                 engine_threads: int | None = None):
+                 engine_threads: int | None = None, device: int = 0, cuda_graphs: bool = False):
         self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
         self.precision = precision
         self.batch_size = batch_size
@@ -136,13 +120,14 @@ class Scorer:
         self.allow_non_brightfield = allow_non_brightfield
         self._calls = _Calls()
 
-        def engine(name: str):
-            return open_engine(self.bundle, name, backend, precision, engine_threads)
+        def engine(name: str, precision: str):
+            return open_engine(self.bundle, name, backend, precision, engine_threads, device, cuda_graphs)
 
-        self.hex = engine("hex")
-        # The slide-level models are small: one run per slide.
-        self.codex_encoder = engine("codex_encoder") if self.bundle.has("codex_encoder") else None
-        self.mica = engine("mica") if self.bundle.has("mica") and self.codex_encoder else None
+        self.hex = engine("hex", precision)
+        # The slide-level models run once per slide (under 1 % of the work): always fp32, which keeps
+        # MICA's online softmax and the CODEX encoder's quantisation exact.
+        self.codex_encoder = engine("codex_encoder", "fp32") if self.bundle.has("codex_encoder") else None
+        self.mica = engine("mica", "fp32") if self.bundle.has("mica") and self.codex_encoder else None
         self.backend = self.hex.backend
         log.info("HEX engine: %s", self.hex.describe())
 
@@ -244,7 +229,7 @@ class Scorer:
         if out is not None:
             writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings)
         try:
-            tiles = self._run_hex(prep, writer, progress, cancelled)
+            tiles = run_hex(prep.stream, self.hex, writer, slide.path, len(grid), progress, cancelled)
             seconds = {**prep.seconds, **tiles.seconds}
             start = time.perf_counter()
             # One cell per stride (finer with overlapping tiles): the OME-TIFF and the overview show it.
@@ -276,46 +261,7 @@ class Scorer:
                 prep.stream.close()
             slide.close()
 
-    def _run_hex(self, prep: _Prepared, writer: SlideWriter | None, progress: Progress | None,
-                 cancelled: threading.Event) -> _HexTiles:
-        """Streams the slide through the HEX engine. Markers and coords stay in
-        memory (176 bytes a tile); features go to the writer when there is one."""
-        total = len(prep.grid)
-        coords_parts, marker_parts, feature_parts = [], [], []
-        done = 0
-        start = time.perf_counter()
-        engine_s = 0.0
-        if progress:
-            progress("tiles", 0, total)
-        if prep.stream is not None:
-            for coords, tiles in prep.stream:
-                if cancelled.is_set():
-                    raise Cancelled(f"{prep.slide.path}: cancelled after {done} of {total} tiles")
-                t = time.perf_counter()
-                out = self.hex.run({"tiles": tiles})
-                engine_s += time.perf_counter() - t
-                coords = np.array(coords)
-                markers = np.asarray(out["markers"], np.float32)
-                features = np.asarray(out["embedding"], np.float32)
-                coords_parts.append(coords)
-                marker_parts.append(markers)
-                if writer is not None:
-                    writer.append(coords, markers, features)
-                else:
-                    feature_parts.append(features)
-                done += len(coords)
-                if progress:
-                    progress("tiles", done, total)
-        seconds = {"stream+hex": time.perf_counter() - start, "hex engine (within stream+hex)": engine_s}
-        features = None
-        if writer is None:
-            features = np.concatenate(feature_parts) if feature_parts else np.zeros((0, 1024), np.float32)
-        return _HexTiles(
-            coords=np.concatenate(coords_parts) if coords_parts else np.zeros((0, 2), np.int64),
-            markers=np.concatenate(marker_parts) if marker_parts else np.zeros((0, 40), np.float32),
-            features=features, skipped=prep.stream.skipped if prep.stream is not None else [], seconds=seconds)
-
-    def _run_mica(self, tiles: _HexTiles, tile_size: int, level0_size: tuple[int, int],
+    def _run_mica(self, tiles: HexTiles, tile_size: int, level0_size: tuple[int, int],
                   writer: SlideWriter | None) -> dict:
         """CODEX encoder over the reference's grid, then MICA streamed over the features: its summary."""
         # The encoder sees the reference's grid: whole slide from (0, 0), one cell per tile size.
@@ -333,15 +279,20 @@ class Scorer:
 
 
 def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str = "fp32",
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, device: int = 0, cuda_graphs: bool = False) -> Engine:
     """The engine Scorer runs for the bundle's model `name`. Every file a loader reads is the
     manifest's, checked against its sha256 as it is read (the fp32 ONNX, the torch program it
-    lists), or a TensorRT plan build-engines made on this machine for this bundle, checked against
-    the sha256 recorded then. fp16/bf16 come from the fp32 graph (TensorRT builds them from it).
-    The engine's outputs must be the ones the manifest promises (else a one-line BundleError)."""
+    lists for `precision`), or a TensorRT plan build-engines made on this machine for this bundle,
+    checked against the sha256 recorded then. TensorRT and ONNX Runtime build fp16/bf16 from the
+    fp32 graph; torch runs the program exported at that precision. The engine's outputs must be
+    the ones the manifest promises (else a one-line BundleError)."""
+    program = bundle.program_file(name, precision)
+    if backend == "torch" and program is None and bundle.program_file(name) is not None:
+        raise BackendUnavailable("torch", f"needs a {precision} torch.export program of the {name} model, and the "
+                                          f"bundle has none (export it with --{precision}), or use --precision fp32")
     engine = create_engine(bundle.model_file(name), backend, precision=precision, plan_dir=_plan_dir(bundle, backend),
-                           threads=threads, program=bundle.program_file(name),
-                           output_names=list(bundle.model(name).get("outputs", {})) or None)
+                           threads=threads, device_id=device, program=program,
+                           output_names=list(bundle.model(name).get("outputs", {})) or None, cuda_graphs=cuda_graphs)
     try:
         _check_outputs(bundle, name, engine)
     except BaseException:

@@ -1,0 +1,152 @@
+"""The GPU path (issue 15), as far as a CPU can check it: torch.export programs in the bundle
+(fused attention kept, reduced precision by cast weights, preprocessing float32), the torch engine's
+submit/collect, the staged pipeline (errors and cancel still stop it cleanly), the simulated engine
+of `hexfast bench e2e`, and the device script's dry run. The CUDA-only parts (pinned staging, CUDA
+graphs, the out-of-memory message) run where a GPU is: benchmarks/device_check.sh."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hexfast
+from conftest import hexfast as hexfast_cli
+from conftest import shared_file
+from hexfast.bundle import DEFAULT_BUNDLE, load_bundle
+from hexfast.errors import OutputError
+from hexfast.outputs import outputs_complete
+from hexfast.score import Scorer, open_engine
+from test_score import small_slide, temp_files
+
+torch = pytest.importorskip("torch", reason="the torch backend needs torch")
+from hexfast_export.torch_export import SDPA, load_program, op_counts  # noqa: E402
+
+
+def test_programs_keep_one_fused_attention_per_layer():
+    bundle = load_bundle()
+    depth = bundle.manifest["hex_encoder"]["depth"]
+    for precision in ("fp32", "fp16"):
+        ops = op_counts(load_program(bundle.program_file("hex", precision).path))
+        assert ops[SDPA] == depth, ops  # one aten.scaled_dot_product_attention per MUSK layer
+        assert not any("softmax" in op for op in ops), ops  # no unfused attention decomposed into the graph
+    ops = op_counts(load_program(bundle.program_file("codex_encoder").path))
+    assert ops[SDPA] >= 1 and not any("softmax" in op for op in ops), ops
+
+
+def test_reduced_precision_programs_cast_the_weights_not_the_preprocessing():
+    program = load_program(load_bundle().program_file("hex", "fp16").path)
+    dtypes = {name: p.dtype for name, p in program.state_dict.items()}
+    assert dtypes and all(d == torch.float16 for n, d in dtypes.items() if n.startswith("model.")), dtypes
+    out = program.module()(torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8))
+    assert all(o.dtype == torch.float32 for o in out)
+    # the exact resize ran in float32: a 384-px tile passes through it unchanged, so fp16 and fp32 differ
+    # only by the network's rounding
+    ops = op_counts(program)
+    assert any("to" in op or "_to_copy" in op for op in ops)
+
+
+def test_torch_engine_submit_collect_and_precisions_agree_with_onnx(tmp_path):
+    bundle = load_bundle()
+    tiles = np.random.default_rng(0).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
+    with open_engine(bundle, "hex", "ort-cpu") as ort:
+        ref = ort.run({"tiles": tiles})
+    for precision, tolerance in (("fp32", 1e-5), ("fp16", 1e-2)):
+        with open_engine(bundle, "hex", "torch", precision) as engine:
+            assert engine.backend == "torch" and precision in engine.describe()
+            handles = [engine.submit({"tiles": tiles[:3]}), engine.submit({"tiles": tiles[3:]})]  # two in flight
+            got = [engine.collect(h) for h in handles]
+            for name in ("markers", "embedding"):
+                joined = np.concatenate([g[name] for g in got])
+                assert joined.dtype == np.float32
+                rel = np.abs(joined - ref[name]).max() / np.abs(ref[name]).max()
+                assert rel <= tolerance, (precision, name, rel)
+    with pytest.raises(hexfast.HexfastError, match="bf16"):  # the demo bundle has no bf16 program
+        open_engine(bundle, "hex", "torch", "bf16")
+
+
+def test_scoring_with_the_torch_backend_equals_onnx_runtime(tmp_path):
+    slide = small_slide(tmp_path / "s.tiff")
+    results = {}
+    for backend in ("ort-cpu", "torch"):
+        with Scorer(backend=backend, batch_size=8) as scorer:
+            results[backend] = scorer.score(slide)
+    a, b = results["ort-cpu"], results["torch"]
+    np.testing.assert_array_equal(a.coords, b.coords)
+    assert np.abs(a.markers - b.markers).max() <= 1e-5 * np.abs(a.markers).max()
+    assert a.mica["risk"] == pytest.approx(b.mica["risk"], rel=1e-5)
+
+
+def test_bundles_without_programs_still_load_and_score(tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(DEFAULT_BUNDLE, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for entry in manifest["models"].values():
+        entry.pop("programs")
+    for rel in [r for r in manifest["files"] if r.endswith(".pt2")]:
+        del manifest["files"][rel]
+        (copy / rel).unlink()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    bundle = load_bundle(copy)
+    assert bundle.program_file("hex") is None and bundle.manifest["schema"] == 2
+    with Scorer(bundle, "ort-cpu") as scorer:
+        assert len(scorer.score(small_slide(tmp_path / "s.tiff")).coords) > 0
+
+
+def test_a_writer_error_mid_slide_stops_the_pipeline_cleanly(tmp_path, monkeypatch):
+    """The h5 appends run on their own thread: its error is the slide's, nothing half-written is
+    left, and no thread outlives the call."""
+    slide = small_slide(tmp_path / "s.tiff")
+    calls = []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OutputError(self.paths.h5, "cannot write: No space left on device")
+        return real(self, *args)
+
+    from hexfast.outputs import writer as writer_module
+
+    real = writer_module.SlideWriter.append
+    monkeypatch.setattr(writer_module.SlideWriter, "append", failing)
+    before = threading.active_count()
+    with Scorer(backend="ort-cpu", batch_size=2) as scorer:
+        with pytest.raises(OutputError, match="No space left"):
+            scorer.score(slide, tmp_path / "out")
+    assert threading.active_count() == before
+    assert not outputs_complete(tmp_path / "out", "s") and temp_files(tmp_path / "out") == []
+
+
+def test_the_simulated_engine_is_for_benchmarks_only(tmp_path):
+    slide = small_slide(tmp_path / "s.tiff")
+    r = hexfast_cli("bench", "e2e", slide, "--simulate-engine", "2000", "--batch-size", "4", "--seconds", "0.2",
+                    "--json", tmp_path / "e2e.json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    assert result["simulated_engine_tiles_per_s"] == 2000 and result["engine_tiles_per_s"] == 2000
+    assert 0 < result["pipeline_efficiency"] <= 1.05 and result["tiles"] > 0
+    assert "hex wait: engine (within stream+hex)" in result["seconds"]
+    r = hexfast_cli("score", slide, "--simulate-engine", "2000", "-o", tmp_path / "out")
+    assert r.returncode == 2 and "unrecognized arguments: --simulate-engine" in r.stderr
+
+
+def test_device_check_dry_run(tmp_path):
+    """benchmarks/device_check.sh --cpu: every step of the GPU run, tiny, on this CPU."""
+    shared_file("slides/CMU-1-Small-Region.svs")  # its tissue texture
+    out = tmp_path / "device"
+    r = subprocess.run(["bash", "benchmarks/device_check.sh", str(out), "--cpu"], capture_output=True, text=True,
+                       timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((out / "device_check.json").read_text())
+    steps = result["steps"]
+    assert set(steps) == {"env", "export", "peak", "engine", "parity", "slide", "e2e", "score", "reference"}
+    assert all(step["ok"] for step in steps.values()), {k: v.get("error") for k, v in steps.items()}
+    assert steps["export"]["programs"] == {"fp32": "hex.pt2", "fp16": "hex.fp16.pt2", "bf16": "hex.bf16.pt2"}
+    assert steps["parity"]["tiles"] >= 3 and steps["parity"]["max_rel_vs_fp32"]["bf16"]["markers"] < 5e-2
+    assert steps["score"]["backend"] == "torch" and steps["e2e"]["pipeline_efficiency"] > 0
+    assert (out / "log.txt").is_file()
