@@ -27,7 +27,7 @@ step() {
 
 [ -f "$MID" ] || step slide-mid python benchmarks/make_slide.py --texture "$TEXTURE" --width 20000 --height 16000 -o "$MID"
 [ -f "$SMALL" ] || step slide-small python benchmarks/make_slide.py --texture "$TEXTURE" --width 4000 --height 3000 -o "$SMALL"
-[ -f "$FULL/manifest.json" ] || step export /usr/bin/time -v hexfast export --demo --size full -o "$FULL"
+[ -f "$FULL/manifest.json" ] || step export /usr/bin/time -v hexfast export --demo --size full --mica-features resnet50-trunc -o "$FULL"
 
 # Engine alone: tiny demo (batch 1..64), full size (batch 1..8: ~2.7 CPU-s per tile).
 step engine-tiny hexfast bench engine --batch-sizes 1,2,4,8,16,32,64 --seconds 5 --json "$OUT/engine-tiny.json"

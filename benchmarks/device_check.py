@@ -113,8 +113,8 @@ def env(cpu: bool) -> dict:
 
 def export(out: Path, cpu: bool) -> dict:
     bundle = out / "bundle"
-    sh(sys.executable, "-m", "hexfast", "export", "--demo", "--size", "tiny" if cpu else "full", "--fp16", "--bf16",
-       "-o", bundle)
+    sh(sys.executable, "-m", "hexfast", "export", "--demo", "--size", "tiny" if cpu else "full",
+       "--mica-features", "resnet50-trunc", "--fp16", "--bf16", "-o", bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     hex_entry = manifest["models"]["hex"]
     return {"bundle": str(bundle), "programs": hex_entry.get("programs"),

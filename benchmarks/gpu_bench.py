@@ -12,7 +12,7 @@ the same code paths that do not need a GPU (a smoke test of this script).
 
 Weights: the full-size demo models (random, seeded: hexfast_export.demo) — throughput does not
 depend on weight values; the engines case uses the bundle given (export it with
-`hexfast export --demo --size full --fp16 -o BUNDLE`, or a real one).
+`hexfast export --demo --size full --mica-features resnet50-trunc --fp16 -o BUNDLE`, or a real one).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ step env python benchmarks/gpu_bench.py env --json "$OUT/env.json"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/nvidia-smi.txt"
 
 # 1. The model: full-size HEX (MUSK-L/16 @ 384) with random weights, fp32 + fp16 ONNX.
-[ -f "$BUNDLE/manifest.json" ] || step export hexfast export --demo --size full --fp16 -o "$BUNDLE"
+[ -f "$BUNDLE/manifest.json" ] || step export hexfast export --demo --size full --mica-features resnet50-trunc --fp16 -o "$BUNDLE"
 if python -c "import tensorrt" 2>/dev/null; then
   for p in --fp16 --bf16 ""; do
     step "build-engines $p" hexfast build-engines "$BUNDLE" $p --max-batch 128 --tile-sizes 224 \

@@ -11,7 +11,7 @@ std = 0.5; a DataLoader with batch 128 (num_workers 0, pin_memory on CUDA); the
 model in torch eager mode under no_grad, fp16 autocast on CUDA, fp32 on CPU;
 outputs copied back to the host per batch.
 
-hexfast: the pipeline's own HEX pass (hexfast.score.hex_pass.run_hex): C++ TileStream (2 threads,
+hexfast: the pipeline's own HEX pass (hexfast.score.tile_pass.run_hex): C++ TileStream (2 threads,
 uint8 tiles, batch 64) → the bundle's HEX engine (backend auto; resize and normalisation inside the
 graph), two batches in flight.
 
@@ -141,7 +141,7 @@ def run_reference(args, coords, size, out_dir: Path) -> dict:
 def run_hexfast(args, coords, size, out_dir: Path) -> dict:
     from hexfast.bundle import load_bundle
     from hexfast.score import open_engine
-    from hexfast.score.hex_pass import run_hex
+    from hexfast.score.tile_pass import run_hex
     from hexfast.slide import open_slide
     from hexfast.stream import TileStream
 

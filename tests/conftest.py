@@ -43,6 +43,17 @@ def shared_file(relpath: str) -> Path:
     return path
 
 
+def shared_reference(relpath: str) -> Path:
+    """Unmodified official code in ../shared/reference (HEX/, CLAM/): skip without it, fail under CI."""
+    path = SHARED.parent / "reference" / relpath
+    if not path.exists():
+        message = f"reference code {path} is missing (expected ../shared/reference beside the checkout)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture
 def cmu_small() -> Path:
     return shared_file("slides/CMU-1-Small-Region.svs")

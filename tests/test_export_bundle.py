@@ -51,15 +51,19 @@ def run_all(bundle):
                                  "coattn_lse_in": np.full(40, INITIAL_LSE, np.float32),
                                  "coattn_mean_in": np.zeros((40, width), np.float32)})
         assert [o.shape for o in outs] == [(1, 4), (1, 4), (1,), (40, 2), (40,), (40, width)]
+    if bundle.has("he_features"):
+        he_s = ort.InferenceSession(str(bundle.model_path("he_features")), providers=["CPUExecutionProvider"])
+        (features,) = he_s.run(None, {"tiles": rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)})
+        assert features.shape == (3, 1024) and np.isfinite(features).all()
 
 
 def test_demo_tiny_round_trip(tmp_path):
     out = tmp_path / "demo"
-    r = hexfast("export", "--demo", "--size", "tiny", "-o", out)
+    r = hexfast("export", "--demo", "--size", "tiny", "--mica-features", "hex-embedding", "-o", out)
     assert r.returncode == 0, r.stderr
     assert "hex fp32: ONNX Runtime vs torch fp32" in r.stdout and "DEMO" in r.stdout
     b = load_bundle(out)
-    assert b.demo and b.models == ["hex", "codex_encoder", "mica"]
+    assert b.demo and b.models == ["hex", "codex_encoder", "mica"] and b.mica_features["kind"] == "hex-embedding"
     assert not b.has("hex", "fp16") and b.manifest["sources"] == {}
     assert b.manifest["demo_models"]["size"] == "tiny"
     run_all(b)
@@ -67,11 +71,12 @@ def test_demo_tiny_round_trip(tmp_path):
 
 
 def test_shipped_demo_bundle_regenerates_identically(tmp_path):
-    """The committed python/hexfast/models/demo is `hexfast export --demo --size tiny --fp16`: regenerating it
+    """The committed python/hexfast/models/demo is `hexfast export --demo --size tiny --mica-features resnet50-trunc
+    --fp16`: regenerating it
     gives the same manifest (apart from the creation time and environment) and, with the torch/onnx versions
     that wrote it, byte-identical ONNX files."""
     out = tmp_path / "demo"
-    r = hexfast("export", "--demo", "--size", "tiny", "--fp16", "-o", out)
+    r = hexfast("export", "--demo", "--size", "tiny", "--mica-features", "resnet50-trunc", "--fp16", "-o", out)
     assert r.returncode == 0, r.stderr
     shipped = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
     fresh = json.loads((out / "manifest.json").read_text())
@@ -138,10 +143,10 @@ def test_mica_and_dinov2_from_files(tmp_path):
     out = tmp_path / "bundle"
     r = hexfast("export", "--hex", tmp_path / "hex.pth", "--musk-config", SHALLOW_FLAG, "--dinov2",
                 tmp_path / "dinov2_vits14_reg4_pretrain.pth", "--mica", tmp_path / "s_0_checkpoint.pt",
-                "--mica-pooling", "gap", "-o", out)
+                "--mica-pooling", "gap", "--mica-features", "hex-embedding", "-o", out)
     assert r.returncode == 0, r.stderr
     b = load_bundle(out)
-    assert b.models == ["hex", "codex_encoder", "mica"] and b.manifest["mica_features"] == "hex-embedding"
+    assert b.models == ["hex", "codex_encoder", "mica"] and b.mica_features["kind"] == "hex-embedding"
     assert set(b.manifest["sources"]) == {"hex", "dinov2", "mica"}
     assert b.manifest["models"]["mica"]["config"]["pooling"] == "gap"
     assert b.manifest["models"]["codex_encoder"]["quantisation"] == "scale"
@@ -163,12 +168,13 @@ def test_bad_input_is_one_line(tmp_path):
     # a MUSK file given for the full-size model (24 layers) is incomplete too
     one_line_error(hexfast("export", "--musk", musk, "--hex-heads", heads, "-o", out), "truncated.safetensors")
     one_line_error(hexfast("export", "--hex-heads", heads, "-o", out), "--musk W --hex-heads C, or --hex H")
-    one_line_error(hexfast("export", "--demo", "--musk", musk, "-o", out), "drop --musk")
+    one_line_error(hexfast("export", "--demo", "--mica-features", "hex-embedding", "--musk", musk, "-o", out), "drop --musk")
     one_line_error(hexfast("export", "--hex", heads, "--mica", heads, "-o", out), "--mica needs --dinov2")
-    one_line_error(hexfast("export", "--demo", "--parity-tiles", tmp_path / "none", "-o", out), "not a directory")
+    one_line_error(hexfast("export", "--demo", "--mica-features", "hex-embedding", "--parity-tiles", tmp_path / "none",
+                           "-o", out), "not a directory")
     (tmp_path / "notabundle").mkdir()
     (tmp_path / "notabundle" / "keep.txt").write_text("x")
-    one_line_error(hexfast("export", "--demo", "-o", tmp_path / "notabundle"), "not a model bundle", "refusing")
+    one_line_error(hexfast("export", "--demo", "--mica-features", "hex-embedding", "-o", tmp_path / "notabundle"), "not a model bundle", "refusing")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
@@ -178,14 +184,14 @@ def test_export_without_torch_says_so(tmp_path):
     (fake / "torch").mkdir(parents=True)
     (fake / "torch" / "__init__.py").write_text("raise ImportError('No module named torch (test stand-in)')\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake)] + sys.path))
-    one_line_error(hexfast("export", "--demo", "-o", tmp_path / "b", env=env), "needs torch", "hexfast[export]")
+    one_line_error(hexfast("export", "--demo", "--mica-features", "hex-embedding", "-o", tmp_path / "b", env=env), "needs torch", "hexfast[export]")
 
 
 def test_existing_bundle_is_replaced(tmp_path):
     out = tmp_path / "demo"
-    assert hexfast("export", "--demo", "-o", out).returncode == 0
+    assert hexfast("export", "--demo", "--mica-features", "hex-embedding", "-o", out).returncode == 0
     first = load_bundle(out).manifest["created"]
-    r = hexfast("export", "--demo", "--seed", "1", "-o", out)
+    r = hexfast("export", "--demo", "--mica-features", "hex-embedding", "--seed", "1", "-o", out)
     assert r.returncode == 0, r.stderr
     b = load_bundle(out)
     assert b.manifest["demo_models"]["seed"] == 1 and b.manifest["created"] >= first
@@ -197,7 +203,8 @@ def test_existing_bundle_is_replaced(tmp_path):
                            "HEXFAST_FULL_REFERENCE=1")
 def test_demo_full_size_export(tmp_path):
     out = tmp_path / "full"
-    r = hexfast("export", "--demo", "--size", "full", "--fp16", "-o", out, timeout=1800)
+    r = hexfast("export", "--demo", "--size", "full", "--mica-features", "resnet50-trunc", "--fp16", "-o", out,
+                timeout=1800)
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     b = load_bundle(out)
@@ -205,6 +212,8 @@ def test_demo_full_size_export(tmp_path):
                                                     "heads": 16, "ffn_dim": 4096, "embed_dim": 1024}
     for name, entry in b.manifest["models"].items():
         assert max(entry["parity"]["fp32"].values()) <= 1e-4, (name, entry["parity"])
-        assert max(entry["parity"]["fp16"].values()) <= 1e-2, (name, entry["parity"])
+        if name != "he_features":  # CLAM's encoder runs fp32 only: no fp16 file
+            assert max(entry["parity"]["fp16"].values()) <= 1e-2, (name, entry["parity"])
     assert b.model_path("hex").stat().st_size > 1.1e9  # 303M fp32 weights
+    assert b.model_path("he_features").stat().st_size > 3.3e7  # ResNet50 up to layer3: 8.5M fp32 weights
     run_all(b)

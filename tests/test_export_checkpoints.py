@@ -190,7 +190,7 @@ def test_mica_roundtrip(tmp_path, fusion, mode):
     torch.manual_seed(0)
     model = Mica(MicaConfig(fusion=fusion, transformer_mode=mode, pooling="attn")).eval()
     path = save(model.state_dict(), tmp_path / "s_0_checkpoint.pt")
-    loaded, report = load_mica(path)
+    loaded, report = load_mica(path, pooling="attn")
     assert loaded.cfg.fusion == fusion and loaded.cfg.transformer_mode == mode
     assert report.unexpected == [] and report.ignored == []
     x, c = torch.randn(20, 1024), torch.randn(40, 384)
@@ -213,4 +213,4 @@ def test_mica_shared_weights_must_agree(tmp_path):
     model = Mica(MicaConfig(transformer_mode="separate"))
     path = save(model.state_dict(), tmp_path / "sep.pt")
     with pytest.raises(CheckpointError, match="shared weight"):
-        load_mica(path, cfg=MicaConfig(transformer_mode="shared"))
+        load_mica(path, pooling="attn", cfg=MicaConfig(transformer_mode="shared"))

@@ -123,6 +123,49 @@ def test_pillow_13_pass_order_is_what_we_think():
             print(f"Pillow {__import__('PIL').__version__} single call vs horizontal-first on {shape}: max |Δ| {diff}")
 
 
+@pytest.mark.skipif(int(__import__("PIL").__version__.split(".")[0]) < 13, reason="needs Pillow 13 as the oracle")
+def test_pillow13_resize_order_is_pillow_13():
+    """resize_order="pillow13" is the installed Pillow 13's own single call, tall grids included (where it goes
+    vertical first); "pillow12" stays the reference's horizontal-first order."""
+    rng = np.random.default_rng(3)
+    shapes = [(300, 260), (300, 200), (800, 511), (800, 512), (226, 225), (400, 100), (4095, 17), (17, 4095),
+              (224, 224), (30, 30)] + [tuple(int(v) for v in rng.integers(2, 1200, 2)) for _ in range(30)]
+    tall = 0
+    for shape in shapes:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        with torch.no_grad():
+            got = PilBicubicResize(224, "pillow13")(torch.from_numpy(img).float()[None, None])[0, 0].numpy()
+        np.testing.assert_array_equal(got.astype(np.uint8), pil_bicubic_one_call(img), err_msg=str(shape))
+        tall += pillow_goes_vertical_first(shape)
+    assert tall >= 5  # the rule was exercised
+
+
+def test_resize_order_changes_tall_grids_and_is_recorded(tmp_path):
+    """On the 300 x 260 parity grid (sparse, values like HEX's) the two orders disagree on many uint8 values,
+    and the DINOv2 features move by ~1e-3; export records the order in the manifest."""
+    from hexfast_export.bundle_writer import codex_parity_grids, write_bundle
+    from hexfast_export.demo import demo_models
+
+    grid = codex_parity_grids()[2]
+    assert grid.shape == (40, 300, 260)
+    with torch.no_grad():
+        x = quantise(torch.from_numpy(grid)).unsqueeze(1)
+        a = PilBicubicResize(224, "pillow12")(x)
+        b = PilBicubicResize(224, "pillow13")(x)
+    changed = float((a != b).float().mean())
+    encoder = Dinov2Encoder(Dinov2Config()).eval()
+    with torch.no_grad():
+        fa = CodexGraph(encoder, resize_order="pillow12")(torch.from_numpy(grid))
+        fb = CodexGraph(encoder, resize_order="pillow13")(torch.from_numpy(grid))
+    moved = float((fa - fb).abs().max() / fa.abs().max())
+    print(f"300x260 grid: Pillow 12 vs 13 order changes {changed:.0%} of the uint8 values, features by {moved:.1e}")
+    assert changed > 0.05 and moved > 1e-5
+    hex_model, codex_encoder, _ = demo_models("tiny")
+    manifest = write_bundle(tmp_path / "b", hex_model=hex_model, codex_encoder=codex_encoder, fp16=False,
+                            codex_resize_order="pillow13", log=lambda m: None)
+    assert manifest["models"]["codex_encoder"]["resize_order"].startswith("vertical pass first for tall grids")
+
+
 def test_quantisation_rules():
     grid = np.array([[[-0.3, 0.0, 0.001, 0.00196, 0.5, 0.99999, 1.0, 7.5]]], np.float32)
     got = quantise(torch.from_numpy(grid), "scale").numpy()

@@ -22,7 +22,7 @@ from hexfast.bundle import DEFAULT_BUNDLE, load_bundle
 from hexfast.errors import OutputError
 from hexfast.outputs import outputs_complete
 from hexfast.score import Scorer, open_engine
-from test_score import small_slide, temp_files
+from test_score import he_slide, small_slide, temp_files
 
 torch = pytest.importorskip("torch", reason="the torch backend needs torch")
 from hexfast_export.torch_export import SDPA, load_program, op_counts  # noqa: E402
@@ -71,7 +71,8 @@ def test_torch_engine_submit_collect_and_precisions_agree_with_onnx(tmp_path):
 
 
 def test_scoring_with_the_torch_backend_equals_onnx_runtime(tmp_path):
-    slide = small_slide(tmp_path / "s.tiff")
+    # an island of 640 px: above the demo's CLAM minimum tissue area (a_t = 1 reference patch, 512² px)
+    slide = he_slide(tmp_path / "s.tiff", 896, 896, [(128, 128, 768, 768)])
     results = {}
     for backend in ("ort-cpu", "torch"):
         with Scorer(backend=backend, batch_size=8) as scorer:
@@ -79,6 +80,8 @@ def test_scoring_with_the_torch_backend_equals_onnx_runtime(tmp_path):
     a, b = results["ort-cpu"], results["torch"]
     np.testing.assert_array_equal(a.coords, b.coords)
     assert np.abs(a.markers - b.markers).max() <= 1e-5 * np.abs(a.markers).max()
+    assert len(a.mica_coords) > 0 and np.array_equal(a.mica_coords, b.mica_coords)
+    assert np.abs(a.mica_features - b.mica_features).max() <= 1e-5 * np.abs(a.mica_features).max()
     assert a.mica["risk"] == pytest.approx(b.mica["risk"], rel=1e-5)
 
 

@@ -244,12 +244,14 @@ def test_predictions_equal_onnxruntime_on_openslide_tiles(cmu, cmu_scored):
 
 def test_mica_risk_equals_the_models_rerun_on_the_h5(cmu, cmu_scored):
     """The report's MICA risk: CODEX encoder on the reference grid (whole slide, step = tile
-    size, float16) built here from the h5, then MICA on the h5's features."""
+    size, float16) built here from the h5's HEX tiles, then MICA on the h5's bag (the demo's MICA
+    reads CLAM's patches: mica_coords, mica_features); most-attended tiles in the bag's coords."""
     import onnxruntime as ort
 
     d, _ = cmu_scored
     with h5py.File(d / f"{CMU_STEM}.h5") as f:
-        coords, markers, features = f["coords"][:], f["codex_prediction"][:], f["features"][:]
+        coords, markers = f["coords"][:], f["codex_prediction"][:]
+        bag_coords, features = f["mica_coords"][:], f["mica_features"][:]
     with openslide.OpenSlide(str(cmu)) as osr:
         w, h = osr.dimensions
     grid = reference_grid(coords, markers, 112, w, h).astype(np.float16)
@@ -269,7 +271,8 @@ def test_mica_risk_equals_the_models_rerun_on_the_h5(cmu, cmu_scored):
     np.testing.assert_allclose(attention.sum(axis=1), 1.0, rtol=1e-5)
     top = report["mica"]["most_attended"]
     best = int(np.argmax(attention.mean(axis=0)))
-    assert top["overall"][0]["tile"] == best and [top["overall"][0]["x"], top["overall"][0]["y"]] == coords[best].tolist()
+    assert top["overall"][0]["tile"] == best
+    assert [top["overall"][0]["x"], top["overall"][0]["y"]] == bag_coords[best].tolist()
     assert top["per_marker"]["CD8"][0]["attention"] == pytest.approx(attention[1].max(), rel=1e-4)
 
 
@@ -503,10 +506,15 @@ def test_api_in_memory_equals_the_cli(cmu, cmu_scored):
     api_top, cli_top = result.mica["most_attended"]["overall"], report["mica"]["most_attended"]["overall"]
     assert [t["tile"] for t in api_top] == [t["tile"] for t in cli_top]
     assert [t["attention"] for t in api_top] == pytest.approx([t["attention"] for t in cli_top], rel=1e-4)
-    n = len(result.coords)
-    assert {stage for stage, _, _ in calls} == {"tiles"} and all(total == n for _, _, total in calls)
-    done = [d for _, d, _ in calls]
-    assert done[0] == 0 and done[-1] == n and len(done) > 2 and done == sorted(done)
+    n, m = len(result.coords), len(result.mica_coords)  # HEX's tiles, then MICA's bag (CLAM's patches)
+    stages = [stage for stage, _, _ in calls]
+    k = stages.count("tiles")
+    assert stages == ["tiles"] * k + ["mica tiles"] * (len(stages) - k)
+    for stage, total in (("tiles", n), ("mica tiles", m)):
+        done = [d for s, d, _ in calls if s == stage]
+        assert {t for s, _, t in calls if s == stage} == {total}
+        assert done[0] == 0 and done[-1] == total and len(done) >= 2 and done == sorted(done)
+    assert k > 2  # HEX's tiles arrive batch by batch
 
 
 def test_api_writes_outputs_with_overlap_and_a_pyramid(tmp_path):

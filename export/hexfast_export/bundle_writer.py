@@ -6,7 +6,8 @@ Layout (read by `hexfast.bundle.load_bundle`, which needs no torch):
     BUNDLE/hex.onnx, hex.fp16.onnx
     BUNDLE/codex_encoder.onnx, codex_encoder.fp16.onnx     (optional)
     BUNDLE/mica.onnx, mica.fp16.onnx                       (optional)
-    BUNDLE/hex.pt2, hex.fp16.pt2, hex.bf16.pt2, codex_encoder.pt2, mica.pt2
+    BUNDLE/he_features.onnx                                (with MICA on CLAM's resnet50_trunc features)
+    BUNDLE/hex.pt2, hex.fp16.pt2, hex.bf16.pt2, codex_encoder.pt2, mica.pt2, he_features.pt2
                                                            (torch.export programs, torch_export.py)
 
 TensorRT plans are built later, on the target, outside the bundle (see hexfast.engines.build).
@@ -49,21 +50,26 @@ from hexfast.score.mica_stream import INITIAL_LSE
 from .hex_model import HexModel
 from .mica import Mica
 from .onnx_export import (
-    CODEX_OUTPUT_NAMES, MICA_OUTPUT_NAMES, OPSET, OUTPUT_NAMES, CodexGraph, HexGraph, MicaGraph, compare,
-    convert_fp16, export_codex_onnx, export_hex_onnx, export_mica_onnx, mica_parity, onnx_session, worst,
+    CODEX_OUTPUT_NAMES, HE_FEATURE_OUTPUT_NAMES, MICA_OUTPUT_NAMES, OPSET, OUTPUT_NAMES, CodexGraph, HexGraph,
+    MicaGraph, compare, convert_fp16, export_codex_onnx, export_he_features_onnx, export_hex_onnx, export_mica_onnx,
+    mica_parity, onnx_session, worst,
 )
+from .resnet_trunc import TARGET_PATCH_SIZE, HeFeatureGraph
 from .torch_export import (
-    export_codex_program, export_hex_program, export_mica_program, load_program, program_name, run_program,
+    export_codex_program, export_he_features_program, export_hex_program, export_mica_program, load_program,
+    program_name, run_program,
 )
 
 TILE = {"um": 56.0, "px_at_40x": 224}
 INPUT_NORMALISATION = "in graph: PIL-exact bilinear resize to 384, x/255, (x-0.5)/0.5"
 CODEX_NORMALISATION = ("in graph: float16 rounding, clip to [0,1], x255, round half to even (uint8 values), "
                        "repeat to 3 channels, PIL-exact bicubic resize to 224, x/255, ImageNet mean/std")
-CODEX_TRUNCATE_NORMALISATION = ("in graph: float16 rounding, truncation to uint8 values (the published script's "
-                                "astype('uint8')), repeat to 3 channels, PIL-exact bicubic resize to 224, x/255, "
+CODEX_TRUNCATE_NORMALISATION = ("in graph: float16 rounding, truncation to uint8 values (the official script's "
+                                "first commit's astype('uint8')), repeat to 3 channels, PIL-exact bicubic resize to 224, x/255, "
                                 "ImageNet mean/std")
-MICA_FEATURES = "hex-embedding"
+MICA_FEATURES = ("resnet50-trunc", "hex-embedding")
+HE_FEATURES_NORMALISATION = "in graph: PIL-exact bilinear resize to 224, x/255, ImageNet mean/std"
+CLAM_PATCH = 256  # create_patches_fp.py --patch_size / --step_size defaults, level-0 px at patch level 0
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
 PARITY_DIR = Path(__file__).parent / "data" / "parity_tiles"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -102,6 +108,17 @@ def tile_files(directory: str | os.PathLike) -> list[Path]:
 
 def default_parity_tiles() -> list[np.ndarray]:
     return read_tiles(tile_files(PARITY_DIR))
+
+
+def clam_parity_tiles(tiles: list[np.ndarray]) -> list[np.ndarray]:
+    """CLAM-sized (256 px) real H&E tiles: the centre crops of the parity tiles large enough for one."""
+    crops = []
+    for t in tiles:
+        h, w = t.shape[:2]
+        if h >= CLAM_PATCH and w >= CLAM_PATCH:
+            y, x = (h - CLAM_PATCH) // 2, (w - CLAM_PATCH) // 2
+            crops.append(np.ascontiguousarray(t[y:y + CLAM_PATCH, x:x + CLAM_PATCH]))
+    return crops
 
 
 def _by_size(tiles: list[np.ndarray]) -> list[np.ndarray]:
@@ -241,15 +258,20 @@ def _as_tuple(out) -> tuple:
 
 
 def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: nn.Module | None = None,
-                 mica: Mica | None = None, sources: dict[str, str | os.PathLike] | None = None, demo: bool = False,
-                 fp16: bool = True, bf16: bool = False, parity_tiles: list[np.ndarray] | None = None,
-                 codex_quantisation: str = "scale",
+                 mica: Mica | None = None, mica_features: str | None = None, he_features: nn.Module | None = None,
+                 clam_patching: dict | None = None, sources: dict[str, str | os.PathLike] | None = None,
+                 demo: bool = False, fp16: bool = True, bf16: bool = False, parity_tiles: list[np.ndarray] | None = None,
+                 codex_quantisation: str = "scale", codex_resize_order: str = "pillow12",
                  extra: dict | None = None, created: str | None = None,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """Export the models to ONNX (fp32, and fp16 when `fp16`) and torch.export programs (fp32; HEX also
     fp16 / bf16 when asked), check parity, write the bundle to `out` atomically (built in a temporary
-    directory beside it, then renamed). Returns the manifest."""
+    directory beside it, then renamed). Returns the manifest.
+
+    With `mica`, `mica_features` must say what its bag is: "resnet50-trunc" (then `he_features`, the
+    encoder, and `clam_patching`, CLAM's patching parameters, default its defaults) or "hex-embedding"."""
     out = Path(out)
+    _check_mica_features(mica, mica_features, he_features)
     _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -270,13 +292,16 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
             grids = codex_parity_grids()
             models["codex_encoder"] = _export_model(
                 "codex_encoder", work, fp16,
-                lambda p: export_codex_onnx(codex_encoder, p, quantisation=codex_quantisation),
-                CodexGraph(codex_encoder, codex_quantisation), CODEX_OUTPUT_NAMES, [{"codex": g} for g in grids], log,
-                lambda p, _: export_codex_program(codex_encoder, p, codex_quantisation))
+                lambda p: export_codex_onnx(codex_encoder, p, quantisation=codex_quantisation,
+                                            resize_order=codex_resize_order),
+                CodexGraph(codex_encoder, codex_quantisation, codex_resize_order), CODEX_OUTPUT_NAMES,
+                [{"codex": g} for g in grids], log,
+                lambda p, _: export_codex_program(codex_encoder, p, codex_quantisation, codex_resize_order))
             models["codex_encoder"]["parity_data"] = "seeded synthetic sparse grids 30x30, 57x41, 300x260"
             models["codex_encoder"]["input_normalisation"] = (
                 CODEX_NORMALISATION if codex_quantisation == "scale" else CODEX_TRUNCATE_NORMALISATION)
             models["codex_encoder"]["quantisation"] = codex_quantisation
+            models["codex_encoder"]["resize_order"] = RESIZE_ORDERS[codex_resize_order]
             models["codex_encoder"]["max_grid_side"] = 4095
         if mica is not None:
             bags = mica_parity_bags(mica.cfg.path_dim, mica.cfg.codex_dim)
@@ -289,6 +314,16 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
             models["mica"]["parity_streamed"] = _streamed_parity(mica, work, models["mica"]["files"], bags[1:], log)
             models["mica"]["config"] = {"fusion": mica.cfg.fusion, "pooling": mica.cfg.pooling,
                                         "transformer_mode": mica.cfg.transformer_mode}
+        if he_features is not None:
+            crops = clam_parity_tiles(tiles)
+            models["he_features"] = _export_model(
+                "he_features", work, False, lambda p: export_he_features_onnx(he_features, p),
+                HeFeatureGraph(he_features), HE_FEATURE_OUTPUT_NAMES, [{"tiles": b} for b in _by_size(tiles + crops)],
+                log, lambda p, _: export_he_features_program(he_features, p))
+            models["he_features"]["parity_data"] = (
+                f"{len(tiles) + len(crops)} real H&E tiles ({len(crops)} of them cropped to 256 px, CLAM's patch)")
+            models["he_features"]["tile"] = {"px": CLAM_PATCH, "level": 0, "target_px": TARGET_PATCH_SIZE}
+            models["he_features"]["input_normalisation"] = HE_FEATURES_NORMALISATION
         manifest = {
             "schema": SCHEMA,
             "demo": bool(demo),
@@ -301,7 +336,7 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
             "models": models,
         }
         if mica is not None:
-            manifest["mica_features"] = MICA_FEATURES
+            manifest["mica_features"] = _mica_features_entry(mica_features, clam_patching)
         manifest["sources"] = {role: {"path": os.fspath(Path(p).resolve()), "sha256": sha256_file(p)}
                                for role, p in (sources or {}).items()}
         manifest["environment"] = _environment()
@@ -315,6 +350,42 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
+
+
+RESIZE_ORDERS = {
+    "pillow12": "horizontal pass first (Pillow <= 12, the reference's environment)",
+    "pillow13": "vertical pass first for tall grids (Pillow 13: gh > 224, gw != 224, gh + 224 > 2 gw)",
+}
+
+
+def _check_mica_features(mica: Mica | None, kind: str | None, he_features: nn.Module | None) -> None:
+    if mica is None:
+        if kind is not None or he_features is not None:
+            raise ExportError("MICA tile features were given without a MICA model")
+        return
+    if kind not in MICA_FEATURES:
+        raise ExportError(f"MICA's tile features must be declared: {' or '.join(MICA_FEATURES)} (the bag its "
+                          f"checkpoint was trained on), not {kind!r}")
+    if (kind == "resnet50-trunc") != (he_features is not None):
+        raise ExportError("resnet50-trunc MICA features need the ResNet50 encoder (and only they do)")
+    if he_features is not None:
+        with torch.no_grad():
+            width = int(HeFeatureGraph(he_features).eval()(torch.zeros(1, 64, 64, 3, dtype=torch.uint8)).shape[1])
+        if width != mica.cfg.path_dim:
+            raise ExportError(f"the H&E feature model gives {width}-d features; the MICA model takes "
+                              f"{mica.cfg.path_dim}")
+
+
+def _mica_features_entry(kind: str, clam_patching: dict | None) -> dict:
+    """The manifest's declaration of MICA's bag: which features, on which grid."""
+    if kind == "hex-embedding":
+        return {"kind": kind, "model": "hex", "output": "embedding",
+                "grid": "hexfast's HEX tile grid (the h5 `features`)"}
+    from hexfast.slide.clam_patches import ClamParams
+
+    params = ClamParams(**(clam_patching or {}))
+    return {"kind": kind, "model": "he_features", "output": "features",
+            "grid": "CLAM create_patches_fp.py patches (patching)", "patching": params.as_manifest()}
 
 
 def _environment() -> dict:

@@ -284,25 +284,34 @@ def load_dinov2(path: str | os.PathLike, cfg: Dinov2Config = DINOV2_VITS14_REG) 
     return model.eval(), report
 
 
-def infer_mica_config(tensors: Mapping[str, torch.Tensor], **overrides) -> MicaConfig:
-    """Fusion and transformer_mode read from the weights; pooling cannot be (both modes hold the
-    attention heads), so it comes from `overrides` (default: the reference trainer's 'attn')."""
-    fusion = "bilinear" if any(k.startswith("mm.linear_h1.") for k in tensors) else "concat"
-    shared = all(k.replace("path_", "codex_", 1) in tensors
-                 and torch.equal(v, tensors[k.replace("path_", "codex_", 1)])
-                 for k, v in tensors.items()
-                 if k.startswith(("path_transformer.", "path_attention_head.", "path_rho.")))
-    settings = {"fusion": fusion, "transformer_mode": "shared" if shared else "separate"}
-    settings.update(overrides)
-    return MicaConfig(**settings)
+def infer_mica_config(tensors: Mapping[str, torch.Tensor], *, pooling: str, fusion: str | None = None,
+                      transformer_mode: str | None = None, source: str = "MICA checkpoint") -> MicaConfig:
+    """MICA's configuration: fusion and transformer mode read from the weights (a value given must agree),
+    pooling given (both poolings hold the same attention-head weights, so the weights cannot tell).
+
+    fusion: 'bilinear' when the BilinearFusion keys (mm.linear_h1.*) are there, else 'concat'.
+    transformer mode: 'separate' when the codex_* transformer / attention head / rho weights differ from
+    the path_* ones; 'shared' when they are absent or equal (the reference aliases them in 'shared', and
+    equal weights compute the same function in either mode)."""
+    found_fusion = "bilinear" if any(k.startswith("mm.linear_h1.") for k in tensors) else "concat"
+    path_keys = [k for k in tensors if k.startswith(("path_transformer.", "path_attention_head.", "path_rho."))]
+    codex_keys = [k.replace("path_", "codex_", 1) for k in path_keys]
+    separate = any(c in tensors and not torch.equal(tensors[p], tensors[c]) for p, c in zip(path_keys, codex_keys))
+    found_mode = "separate" if separate else "shared"
+    for name, given, found in (("fusion", fusion, found_fusion), ("transformer mode", transformer_mode, found_mode)):
+        if given is not None and given != found:
+            raise CheckpointError(source, f"its weights are a {found} {name} model, not {given}")
+    return MicaConfig(fusion=found_fusion, pooling=pooling, transformer_mode=found_mode)
 
 
-def load_mica(path: str | os.PathLike, *, pooling: str = "attn", cfg: MicaConfig | None = None
-              ) -> tuple[Mica, LoadReport]:
-    """MICA from a reference `s_{fold}_checkpoint.pt` (plain state_dict)."""
+def load_mica(path: str | os.PathLike, *, pooling: str, fusion: str | None = None,
+              transformer_mode: str | None = None, cfg: MicaConfig | None = None) -> tuple[Mica, LoadReport]:
+    """MICA from a reference `s_{fold}_checkpoint.pt` (plain state_dict); `pooling` must be given."""
     tensors = read_state_dict(path)
-    cfg = cfg or infer_mica_config(tensors, pooling=pooling)
+    cfg = cfg or infer_mica_config(tensors, pooling=pooling, fusion=fusion, transformer_mode=transformer_mode,
+                                   source=os.fspath(path))
     model = Mica(cfg)
     report = assign(model, tensors, os.fspath(path), optional=model.unused_keys())
-    report.notes.append(f"fusion={cfg.fusion} pooling={cfg.pooling} transformer_mode={cfg.transformer_mode}")
+    report.notes.append(f"fusion={cfg.fusion} (from the weights) pooling={cfg.pooling} (given) "
+                        f"transformer_mode={cfg.transformer_mode} (from the weights)")
     return model.eval(), report

@@ -10,11 +10,14 @@ antialiased), done as a horizontal then a vertical pass over uint8 with
 22-bit fixed-point coefficients, each pass rounding and clipping to uint8.
 Then ToTensor (/255) and ImageNet Normalize, and DINOv2 ViT-S/14-reg4.
 
-Pass order: every Pillow up to 12 (what the reference ran) does the
-horizontal pass first; Pillow 13 (python-pillow/Pillow#9549) does the
-vertical pass first when the height shrinks much more than the width (for a
-224x224 target: gh > 224 and gh + 224 > 2 gw), which moves some pixels of
-such tall grids by a level or so. hexfast keeps the reference's order.
+Pass order: every Pillow up to 12 (what the reference ran: pillow 11.0.0 in
+its README) does the horizontal pass first; Pillow 13 does the vertical pass
+first when the height shrinks much more than the width (for a 224x224 target:
+gh > 224, gw != 224 and gh + 224 > 2 gw, found by probing Pillow 13.0), which
+changes 42 % of the uint8 values of a 300 x 260 grid by a level or so and the
+DINOv2 features by ~3e-3. `resize_order` picks one: "pillow12" (default, the
+reference's) or "pillow13" (for a MICA trained on features made with Pillow
+13); the manifest records which.
 
 `PilBicubicResize` reproduces Pillow bit for bit, like the bilinear resize
 of the HEX graph (preprocess.py): the tap matrix is built in-graph from the
@@ -34,13 +37,14 @@ the two agree except where a coefficient sits within double rounding of a
 2^23 * 2 q^3 for q < 8190, i.e. grids up to 4095 cells a side (a 917k px
 wide slide at 40x), far beyond any slide.
 
-The 8-bit step: `uint8 = rint(clip(float16(x), 0, 1) * 255)` (DESIGN.md's
-contract: per channel clip to [0,1], x255, round), after rounding the grid
-to float16 as the reference stores it. The published script instead casts
-the float16 predictions to uint8 directly (`astype('uint8')`, truncation),
-which sends every HEX prediction in [0, 1) to 0; `quantisation="truncate"`
-reproduces that literally (clip(trunc(float16(x)), 0, 255)) for a MICA
-checkpoint trained on features made that way.
+The 8-bit step: `uint8 = rint(clip(float16(x), 0, 1) * 255)`, after rounding
+the grid to float16 as the reference stores it: what the official script does
+today (`(np.clip(channel, 0, 1) * 255).round().astype(np.uint8)`, also
+DESIGN.md's contract), bit-exact. Its first commit cast the float16
+predictions to uint8 directly (`astype('uint8')`, truncation), which sends
+every HEX prediction in [0, 1) to 0; `quantisation="truncate"` reproduces that
+(clip(trunc(float16(x)), 0, 255)) for a MICA checkpoint trained on features
+made with that first version.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ CODEX_INPUT = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 QUANTISATIONS = ("scale", "truncate")
+RESIZE_ORDERS = ("pillow12", "pillow13")
 MAX_GRID_SIDE = 4095  # exact int64 coefficient arithmetic up to this many cells per side
 
 
@@ -87,15 +92,31 @@ class PilBicubicResize(nn.Module):
     and clip to [0, 255] follow each pass. Keep it in float32.
     """
 
-    def __init__(self, size: int = CODEX_INPUT):
+    def __init__(self, size: int = CODEX_INPUT, order: str = "pillow12"):
         super().__init__()
+        if order not in RESIZE_ORDERS:
+            raise ValueError(f"resize order must be one of {', '.join(RESIZE_ORDERS)}, not {order!r}")
         self.size = size
+        self.order = order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wx = _byte_planes(pil_bicubic_taps(torch.ones_like(x[0, 0, 0, :], dtype=torch.int64), self.size))
-        wy = _byte_planes(pil_bicubic_taps(torch.ones_like(x[0, 0, :, 0], dtype=torch.int64), self.size))
-        x = _fixed_point_round(torch.matmul(x, wx.transpose(0, 1)), self.size, dim=3)  # horizontal
-        return _fixed_point_round(torch.matmul(wy, x), self.size, dim=2)  # vertical
+        ones_w = torch.ones_like(x[0, 0, 0, :], dtype=torch.int64)
+        ones_h = torch.ones_like(x[0, 0, :, 0], dtype=torch.int64)
+        wx = _byte_planes(pil_bicubic_taps(ones_w, self.size))
+        wy = _byte_planes(pil_bicubic_taps(ones_h, self.size))
+        horizontal_first = self._vertical(wy, self._horizontal(wx, x))
+        if self.order == "pillow12":
+            return horizontal_first
+        # Pillow 13's choice, from the grid's size (a graph value): both orders, one kept.
+        gh, gw = ones_h.sum(), ones_w.sum()
+        tall = (gh > self.size) & (gw != self.size) & (gh + self.size > 2 * gw)
+        return torch.where(tall, self._horizontal(wx, self._vertical(wy, x)), horizontal_first)
+
+    def _horizontal(self, wx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _fixed_point_round(torch.matmul(x, wx.transpose(0, 1)), self.size, dim=3)
+
+    def _vertical(self, wy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _fixed_point_round(torch.matmul(wy, x), self.size, dim=2)
 
 
 def quantise(codex: torch.Tensor, mode: str = "scale") -> torch.Tensor:
@@ -111,12 +132,12 @@ def quantise(codex: torch.Tensor, mode: str = "scale") -> torch.Tensor:
 class CodexPreprocess(nn.Module):
     """codex float32 [C, gh, gw] (channel-first virtual CODEX grid) → [C, 3, 224, 224] ImageNet-normalised."""
 
-    def __init__(self, size: int = CODEX_INPUT, quantisation: str = "scale"):
+    def __init__(self, size: int = CODEX_INPUT, quantisation: str = "scale", resize_order: str = "pillow12"):
         super().__init__()
         if quantisation not in QUANTISATIONS:
             raise ValueError(f"quantisation must be one of {', '.join(QUANTISATIONS)}, not {quantisation!r}")
         self.quantisation = quantisation
-        self.resize = PilBicubicResize(size)
+        self.resize = PilBicubicResize(size, resize_order)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

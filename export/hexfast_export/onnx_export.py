@@ -13,6 +13,11 @@ channel-first, any gh/gw up to 4095) → float16 rounding, 8-bit quantisation,
 Pillow-exact bicubic resize to 224 (codex_preprocess.py), ImageNet mean/std
 → DINOv2 ViT-S/14-reg4 → `features` float32 [40, 384] (CLS after the final norm).
 
+H&E feature graph for MICA's bag (`he_features`, with `--mica-features resnet50-trunc`):
+`tiles` uint8 [batch, height, width, 3] (CLAM's 256-px level-0 patches) → Pillow-exact bilinear
+resize to 224, /255, ImageNet mean/std → ResNet50 up to layer3, average-pooled → `features`
+float32 [batch, 1024] (resnet_trunc.py). Batch, height and width are dynamic.
+
 MICA graph, one chunk of a slide's tiles at a time (Mica.forward_chunk):
 `h_path` float32 [n, 1024] (dynamic n), `h_codex` float32 [40, 384],
 `coattn_lse_in` [40], `coattn_mean_in` [40, 256] (the online softmax's state;
@@ -43,12 +48,14 @@ from .codex_preprocess import CodexPreprocess
 from .hex_model import HexModel
 from .mica import Mica
 from .preprocess import HexPreprocess
+from .resnet_trunc import HeFeatureGraph
 
 OPSET = 17
 INPUT_NAME = "tiles"
 OUTPUT_NAMES = ("markers", "embedding")
 CODEX_INPUT_NAME = "codex"
 CODEX_OUTPUT_NAMES = ("features",)
+HE_FEATURE_OUTPUT_NAMES = ("features",)
 MICA_INPUT_NAMES = ("h_path", "h_codex", "coattn_lse_in", "coattn_mean_in")
 MICA_OUTPUT_NAMES = ("hazards", "survival", "risk", "coattn_scores", "coattn_lse", "coattn_mean")
 # node-name prefixes kept float32 in fp16 files: the in-graph preprocessing, MICA's online softmax
@@ -83,9 +90,9 @@ class CodexGraph(nn.Module):
     `encoder`: DINOv2 ViT-S/14-reg4 (Dinov2Encoder) or any module mapping ImageNet-normalised
     [B, 3, 224, 224] to [B, D]; `encoder.cfg.img_size` is the resize target."""
 
-    def __init__(self, encoder: nn.Module, quantisation: str = "scale"):
+    def __init__(self, encoder: nn.Module, quantisation: str = "scale", resize_order: str = "pillow12"):
         super().__init__()
-        self.preprocess = CodexPreprocess(encoder.cfg.img_size, quantisation)
+        self.preprocess = CodexPreprocess(encoder.cfg.img_size, quantisation, resize_order)
         self.encoder = encoder
 
     def forward(self, codex: torch.Tensor) -> torch.Tensor:
@@ -128,16 +135,30 @@ def export_hex_onnx(model: HexModel, path: str | os.PathLike, *, example_size: i
 
 
 def export_codex_onnx(encoder: nn.Module, path: str | os.PathLike, *, quantisation: str = "scale",
-                      channels: int = 40, opset: int = OPSET) -> Path:
+                      resize_order: str = "pillow12", channels: int = 40, opset: int = OPSET) -> Path:
     """Write the CODEX encoder graph (dynamic gh, gw; `channels` fixed) to `path`; returns the path."""
     path = Path(path)
-    graph = CodexGraph(encoder, quantisation).eval().float()
+    graph = CodexGraph(encoder, quantisation, resize_order).eval().float()
     example = torch.rand(channels, 30, 23, generator=torch.Generator().manual_seed(0)) * 0.1
     axes = {CODEX_INPUT_NAME: {1: "grid_height", 2: "grid_width"}}
     _export(graph, (example,), path, [CODEX_INPUT_NAME], CODEX_OUTPUT_NAMES, axes, opset)
     with torch.no_grad():
         width = int(graph(example[:, :2, :2]).shape[1])
     _set_dims(path, {CODEX_OUTPUT_NAMES[0]: {0: channels, 1: width}})
+    return path
+
+
+def export_he_features_onnx(encoder: nn.Module, path: str | os.PathLike, *, example_size: int = 256,
+                            opset: int = OPSET) -> Path:
+    """Write the H&E feature graph (uint8 tiles → [batch, D]) to `path`; returns the path."""
+    path = Path(path)
+    graph = HeFeatureGraph(encoder).eval().float()
+    example = torch.zeros(2, example_size, example_size, 3, dtype=torch.uint8)
+    axes = {INPUT_NAME: {0: "batch", 1: "height", 2: "width"}, HE_FEATURE_OUTPUT_NAMES[0]: {0: "batch"}}
+    _export(graph, (example,), path, [INPUT_NAME], HE_FEATURE_OUTPUT_NAMES, axes, opset)
+    with torch.no_grad():
+        width = int(graph(example[:1, :32, :32]).shape[1])
+    _set_dims(path, {HE_FEATURE_OUTPUT_NAMES[0]: {1: width}})
     return path
 
 

@@ -5,7 +5,7 @@ inside), exported with torch.export at the default (pre-dispatch) level, so the 
 and DINOv2 stays one `aten.scaled_dot_product_attention` node: on CUDA it dispatches to a fused
 flash / memory-efficient kernel, nothing unfused or CPU-specific is baked in. Shapes are dynamic
 as in the ONNX files (HEX: batch, tile height and width; CODEX encoder: grid height and width;
-MICA: tiles per chunk).
+MICA: tiles per chunk; H&E features: batch, tile height and width).
 
 Reduced precision is a separate program with the weights cast (bf16 / fp16), not autocast: the
 in-graph uint8 → PIL-exact resize → normalise stays float32 (its sums need it), the network runs
@@ -27,6 +27,7 @@ from torch import nn
 from .hex_model import HexModel
 from .mica import Mica
 from .onnx_export import CodexGraph, HexGraph, MicaGraph
+from .resnet_trunc import HeFeatureGraph
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SDPA = "aten.scaled_dot_product_attention.default"
@@ -50,13 +51,23 @@ def export_hex_program(model: HexModel, path: str | os.PathLike, precision: str 
 
 
 def export_codex_program(encoder: nn.Module, path: str | os.PathLike, quantisation: str = "scale",
-                         channels: int = 40) -> Path:
+                         resize_order: str = "pillow12", channels: int = 40) -> Path:
     """CODEX encoder: codex float32 [40, grid_height, grid_width] → features [40, 384]."""
-    graph = CodexGraph(encoder, quantisation).eval().float()
+    graph = CodexGraph(encoder, quantisation, resize_order).eval().float()
     gh = torch.export.Dim("grid_height", min=2, max=MAX_SIDE - 1)
     gw = torch.export.Dim("grid_width", min=2, max=MAX_SIDE - 1)
     example = (torch.rand(channels, 30, 23, generator=torch.Generator().manual_seed(0)) * 0.1,)
     return _save(graph, example, {"codex": {1: gh, 2: gw}}, path)
+
+
+def export_he_features_program(encoder: nn.Module, path: str | os.PathLike) -> Path:
+    """H&E features for MICA: tiles uint8 [batch, height, width, 3] → features [batch, 1024] float32."""
+    graph = HeFeatureGraph(encoder).eval().float()
+    batch = torch.export.Dim("batch", min=1, max=MAX_SIDE)
+    height = torch.export.Dim("height", min=32, max=MAX_SIDE)
+    width = torch.export.Dim("width", min=32, max=MAX_SIDE)
+    example = (torch.zeros(2, 64, 64, 3, dtype=torch.uint8),)
+    return _save(graph, example, {"tiles": {0: batch, 1: height, 2: width}}, path)
 
 
 def export_mica_program(mica: Mica, path: str | os.PathLike, channels: int = 40) -> Path:
@@ -93,6 +104,8 @@ def _save(graph: nn.Module, example: tuple, dynamic_shapes: dict, path: str | os
     path = Path(path)
     with torch.no_grad():
         program = torch.export.export(graph, example, dynamic_shapes=dynamic_shapes)
+    for node in program.graph.nodes:  # source paths of this checkout and of torch: same weights, other bytes
+        node.meta.pop("stack_trace", None)
     torch.export.save(program, str(path))
     return path
 

@@ -29,8 +29,11 @@ Manifest (schema 2):
     models: {name: {files: {precision: ONNX file}, programs: {precision: .pt2 file} (optional),
                     inputs: {tensor: {dtype, shape}}, outputs: {...},
                     parity: {precision: {output: max|Δ|/max|ref|}}, ...}},
-        names: "hex" (required), "codex_encoder", "mica" (optional)
-    mica_features: "hex-embedding"   (present when "mica" is)
+        names: "hex" (required), "codex_encoder", "mica", "he_features" (optional)
+    mica_features: what MICA's bag is, declared at export (required when "mica" is):
+        {"kind": "resnet50-trunc", "model": "he_features", "patching": {CLAM's parameters}, ...}
+            CLAM's patches (slide.clam_patches) through the he_features model: the official pipeline;
+        {"kind": "hex-embedding", "model": "hex", ...}: the HEX embedding on hexfast's grid.
     sources: {role: {path, sha256}}, files: {relative path: sha256}
 """
 
@@ -51,7 +54,7 @@ from .files import sha256_file
 SCHEMA = 2  # 2: MICA's graph is a chunk step with an online-softmax state (schema 1: all tiles at once)
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
-MICA_FEATURES = ("hex-embedding",)  # tile features hexfast can give MICA (the HEX backbone's CLS embedding)
+MICA_FEATURES = ("resnet50-trunc", "hex-embedding")  # MICA bags hexfast can make (mica_features.kind)
 REQUIRED_KEYS = ("schema", "demo", "exporter", "markers", "tile", "input_normalisation", "models", "files")
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "demo"
 ENGINE_CACHE_ENV = "HEXFAST_ENGINE_CACHE"
@@ -150,6 +153,11 @@ class Bundle:
                                                "listed files")
         return ListedFile(self.path / rel, sha)
 
+    @property
+    def mica_features(self) -> dict | None:
+        """What MICA's bag is (manifest `mica_features`), or None for a bundle without MICA."""
+        return dict(self.manifest["mica_features"]) if "mica" in self.manifest["models"] else None
+
     def model_file(self, name: str, precision: str = "fp32") -> ListedFile:
         """The model's ONNX file at `precision`, to be read (and checked) by a loader."""
         return self.listed(self.model_path(name, precision).relative_to(self.path).as_posix())
@@ -232,10 +240,26 @@ def _validate(manifest: Any, where: Path) -> None:
     if width != len(markers):
         _fail_manifest(where, f"the hex model gives {width} markers but the manifest names {len(markers)}")
     if "mica" in models:
-        features = manifest.get("mica_features")
-        if features not in MICA_FEATURES:
-            _fail_manifest(where, f"the MICA model expects tile features {features!r}; hexfast gives "
-                                  f"{', '.join(MICA_FEATURES)} and will not pair MICA with other features")
+        _validate_mica_features(manifest, where)
+
+
+def _validate_mica_features(manifest: Mapping, where: Path) -> None:
+    """MICA runs only on the bag its manifest declares, made the way it says."""
+    features = manifest.get("mica_features")
+    if isinstance(features, str) or features is None:
+        _fail_manifest(where, "does not declare which tile features its MICA was trained on (an export before "
+                              "--mica-features guessed hex-embedding); export it again with --mica-features "
+                              "resnet50-trunc or hex-embedding")
+    kind = features.get("kind") if isinstance(features, Mapping) else None
+    if kind not in MICA_FEATURES:
+        _fail_manifest(where, f"the MICA model expects tile features {kind!r}; hexfast makes "
+                              f"{', '.join(MICA_FEATURES)} and will not pair MICA with other features")
+    if kind == "resnet50-trunc":
+        if "he_features" not in manifest["models"]:
+            raise MissingModelError(where, "MICA's resnet50-trunc features need the 'he_features' model, "
+                                           "which the bundle lacks")
+        if not isinstance(features.get("patching"), Mapping):  # its values: slide.clam_patches.ClamParams
+            _fail_manifest(where, "mica_features.patching (CLAM's patching parameters) is missing")
 
 
 def load_bundle(path: str | os.PathLike | None = None, *, verify: bool = True) -> Bundle:

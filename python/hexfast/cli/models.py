@@ -20,8 +20,18 @@ from .types import key_ints, positive_int, sorted_sizes
 EXPORT_EPILOG = """\
 examples:
   hexfast export --musk musk/model.safetensors --hex-heads hex_heads.pth -o models/hex --fp16
-  hexfast export --hex hex_full.pth --dinov2 dinov2_vits14_reg4_pretrain.pth --mica s_0_checkpoint.pt -o models/hex-mica
-  hexfast export --demo --size tiny -o models/demo --fp16     (random weights; manifest says demo: true)
+  hexfast export --hex hex_full.pth --dinov2 dinov2_vits14_reg4_pretrain.pth --mica s_0_checkpoint.pt
+      --mica-pooling attn --mica-features resnet50-trunc --resnet50 resnet50_tv_in1k.safetensors -o models/hex-mica
+  hexfast export --demo --size tiny --mica-features resnet50-trunc -o models/demo --fp16
+      (random weights; manifest says demo: true)
+
+MICA's H&E bag is declared, never guessed: --mica-features resnet50-trunc is the official pipeline
+(CLAM's create_patches_fp.py patches, 256 px at level 0, and its extract_features_fp.py resnet50_trunc
+encoder, whose ImageNet ResNet50 weights --resnet50 gives: torchvision's resnet50 or timm's
+resnet50.tv_in1k file); hex-embedding is the HEX backbone's embedding on hexfast's own grid (for a MICA
+trained on hexfast's h5 `features`). A checkpoint cannot say whether MICA pooled with 'attn' or 'gap',
+so --mica-pooling is required; fusion and transformer mode are read from it (a flag that disagrees
+is an error).
 """
 
 BUILD_EPILOG = """\
@@ -45,8 +55,23 @@ def add_model_commands(sub, common: argparse.ArgumentParser) -> None:
     weights.add_argument("--dinov2", type=Path, metavar="D",
                          help="DINOv2 ViT-S/14-reg4 weights for the CODEX encoder (dinov2_vits14_reg4_pretrain.pth)")
     weights.add_argument("--mica", type=Path, metavar="M", help="MICA checkpoint (s_{fold}_checkpoint.pt); needs --dinov2")
-    weights.add_argument("--mica-pooling", choices=("attn", "gap"), default="attn",
-                         help="MICA pooling the checkpoint was trained with (default attn, the trainer's default)")
+    weights.add_argument("--mica-pooling", choices=("attn", "gap"),
+                         help="MICA pooling the checkpoint was trained with (required with --mica: both modes "
+                              "hold the same weights, so the checkpoint cannot tell)")
+    weights.add_argument("--mica-fusion", choices=("concat", "bilinear"),
+                         help="MICA fusion (read from the checkpoint; given, it must agree)")
+    weights.add_argument("--mica-transformer-mode", choices=("separate", "shared"),
+                         help="MICA transformer mode (read from the checkpoint; given, it must agree)")
+    weights.add_argument("--mica-features", choices=("resnet50-trunc", "hex-embedding"),
+                         help="the tile features MICA was trained on (required with MICA): resnet50-trunc = CLAM's "
+                              "patches and encoder (official pipeline; needs --resnet50), hex-embedding = hexfast's "
+                              "h5 features")
+    weights.add_argument("--resnet50", type=Path, metavar="R",
+                         help="ImageNet ResNet50 weights for CLAM's resnet50_trunc (torchvision resnet50 or timm "
+                              "resnet50.tv_in1k, .pth or .safetensors)")
+    weights.add_argument("--clam-preset", type=Path, metavar="CSV",
+                         help="CLAM segmentation/patching preset (its presets/*.csv format) the bags were made "
+                              "with; default CLAM's create_patches_fp.py defaults")
     export.add_argument("--demo", action="store_true", help="random-weight models instead of weights (demo: true)")
     export.add_argument("--size", choices=("tiny", "full"), default="tiny",
                         help="demo model size: tiny (a few MB, fast on CPU) or full (real architectures)")
@@ -57,8 +82,13 @@ def add_model_commands(sub, common: argparse.ArgumentParser) -> None:
     export.add_argument("--parity-tiles", type=Path, metavar="DIR",
                         help="extra H&E tile images for the HEX parity check (beside the built-in CMU-1 tiles)")
     export.add_argument("--codex-uint8", choices=("scale", "truncate"), default="scale",
-                        help="CODEX grid to 8 bits: scale = clip [0,1], x255, round (DESIGN.md); truncate = the "
-                             "published script's astype('uint8') (for MICA checkpoints trained on such features)")
+                        help="CODEX grid to 8 bits: scale = clip [0,1], x255, round, what the official "
+                             "codex_h5_png2fea.py does (default, bit-exact); truncate = its first commit's "
+                             "astype('uint8') (for MICA checkpoints trained on features made with that version)")
+    export.add_argument("--codex-resize-order", choices=("pillow12", "pillow13"), default="pillow12",
+                        help="the Pillow the CODEX features were made with: pillow12 = horizontal pass first "
+                             "(every Pillow up to 12, the official environment; default), pillow13 = Pillow 13's "
+                             "vertical pass first for tall grids")
     export.add_argument("--musk-config", type=key_ints, default=None, help=argparse.SUPPRESS)  # tests: depth=2,...
     export.set_defaults(run=cmd_export)
 
@@ -107,10 +137,40 @@ def _check_out(out: Path) -> None:
         raise HexfastError(f"{out}: exists, is not empty and is not a model bundle; refusing to overwrite it")
 
 
+def _check_mica_args(args) -> None:
+    """MICA's configuration and features are declared, never guessed (see the epilog)."""
+    mica = args.demo or args.mica is not None
+    if not mica:
+        named = [f for f, v in (("--mica-features", args.mica_features), ("--resnet50", args.resnet50),
+                                ("--clam-preset", args.clam_preset), ("--mica-pooling", args.mica_pooling)) if v]
+        if named:
+            raise HexfastError(f"{', '.join(named)} describe(s) a MICA model; add --mica M (or --demo)")
+        return
+    if args.mica_features is None:
+        raise HexfastError("MICA needs --mica-features resnet50-trunc (CLAM's patches and resnet50_trunc encoder, the "
+                           "official pipeline) or hex-embedding (hexfast's h5 features): the bag its checkpoint "
+                           "was trained on")
+    if args.mica_features == "resnet50-trunc":
+        if args.resnet50 is None and not args.demo:
+            raise HexfastError("--mica-features resnet50-trunc needs --resnet50 R (ImageNet ResNet50 weights: "
+                               "torchvision resnet50 or timm resnet50.tv_in1k)")
+        if args.resnet50 is not None and args.demo:
+            raise HexfastError("--demo builds random weights; drop --resnet50")
+    elif args.resnet50 is not None or args.clam_preset is not None:
+        raise HexfastError("--resnet50 and --clam-preset go with --mica-features resnet50-trunc")
+    if args.mica is not None and args.mica_pooling is None:
+        raise HexfastError("--mica needs --mica-pooling attn|gap: both poolings hold the same weights, so the "
+                           "checkpoint cannot tell which it was trained with (a wrong guess changes its risk)")
+    for path in (args.resnet50, args.clam_preset):
+        _file(path)
+
+
 def cmd_export(args) -> int:
     given = {k: getattr(args, k) for k in ("musk", "hex_heads", "hex", "dinov2", "mica")}
     if args.demo:
         named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        named += [f for f, v in (("--mica-pooling", args.mica_pooling), ("--mica-fusion", args.mica_fusion),
+                                 ("--mica-transformer-mode", args.mica_transformer_mode)) if v]
         if named:
             raise HexfastError(f"--demo builds random weights; drop {', '.join(named)}")
     else:
@@ -122,6 +182,7 @@ def cmd_export(args) -> int:
             raise HexfastError("--mica needs --dinov2: MICA reads CODEX features from the DINOv2 encoder")
         for path in given.values():
             _file(path)
+    _check_mica_args(args)
     if args.parity_tiles is not None and not args.parity_tiles.is_dir():
         raise HexfastError(f"{args.parity_tiles}: not a directory of tile images")
     _check_out(args.out)
@@ -133,16 +194,24 @@ def cmd_export(args) -> int:
         console.out(message)
 
     tiles = read_tiles(tile_files(args.parity_tiles)) if args.parity_tiles is not None else None
+    clam = read_clam_preset(args.clam_preset) if args.clam_preset is not None else None
     sources: dict[str, Path] = {}
     extra: dict = {}
+    he_features = None
     if args.demo:
-        from hexfast_export.demo import demo_models, describe
+        from hexfast_export.demo import demo_he_features, demo_models, describe
 
         console.line(f"hexfast export: demo bundle, {args.size} random-weight models (seed {args.seed})")
         hex_model, encoder, mica = demo_models(args.size, args.seed)
+        if args.mica_features == "resnet50-trunc":
+            from hexfast_export.demo import DEMO_CLAM_PATCHING
+
+            he_features = demo_he_features(args.size, args.seed)
+            clam = DEMO_CLAM_PATCHING | (clam or {})
         extra["demo_models"] = {"size": args.size, "seed": args.seed, **describe(args.size)}
     else:
         from hexfast_export import MUSK_LARGE_384, MuskConfig, build_hex, load_dinov2, load_mica
+        from hexfast_export.resnet_trunc import load_resnet50_trunc
 
         cfg = MuskConfig(**args.musk_config) if args.musk_config else MUSK_LARGE_384
         if args.hex is not None:
@@ -157,22 +226,68 @@ def cmd_export(args) -> int:
             reports.append(report)
             sources["dinov2"] = args.dinov2
         if args.mica is not None:
-            mica, report = load_mica(args.mica, pooling=args.mica_pooling)
+            mica, report = load_mica(args.mica, pooling=args.mica_pooling, fusion=args.mica_fusion,
+                                     transformer_mode=args.mica_transformer_mode)
             reports.append(report)
             sources["mica"] = args.mica
+        if args.resnet50 is not None:
+            he_features, report = load_resnet50_trunc(args.resnet50)
+            reports.append(report)
+            sources["resnet50"] = args.resnet50
         for report in reports:
             console.line(f"hexfast export: {report.summary()}")
+    if args.clam_preset is not None:
+        sources["clam_preset"] = args.clam_preset
     m = hex_model.cfg
     extra["hex_encoder"] = {"img_size": m.img_size, "patch_size": m.patch_size, "dim": m.dim, "depth": m.depth,
                             "heads": m.heads, "ffn_dim": m.ffn_dim, "embed_dim": hex_model.embed_dim}
-    manifest = write_bundle(args.out, hex_model=hex_model, codex_encoder=encoder, mica=mica, sources=sources,
-                            demo=args.demo, fp16=args.fp16, bf16=args.bf16, parity_tiles=tiles,
-                            codex_quantisation=args.codex_uint8,
-                            extra=extra, log=log)
+    manifest = write_bundle(args.out, hex_model=hex_model, codex_encoder=encoder, mica=mica,
+                            mica_features=args.mica_features if mica is not None else None, he_features=he_features,
+                            clam_patching=clam, sources=sources, demo=args.demo, fp16=args.fp16, bf16=args.bf16,
+                            parity_tiles=tiles, codex_quantisation=args.codex_uint8,
+                            codex_resize_order=args.codex_resize_order, extra=extra, log=log)
     size = sum((args.out / f).stat().st_size for f in manifest["files"])
     console.out(f"wrote {args.out} ({', '.join(manifest['models'])}; {len(manifest['files'])} files, "
           f"{size / 1e6:.1f} MB{'; DEMO: untrained random weights' if args.demo else ''})")
     return 0
+
+
+# A CLAM preset's columns (CLAM's presets/*.csv) that change the patches, by ClamParams name.
+PRESET_COLUMNS = {"seg_level": int, "sthresh": int, "mthresh": int, "close": int, "use_otsu": bool, "a_t": float,
+                  "a_h": float, "max_n_holes": int, "use_padding": bool, "contour_fn": str}
+
+
+def read_clam_preset(path: Path) -> dict:
+    """The patching settings of a CLAM preset CSV (its first row, as create_patches_fp.py --preset reads it).
+    keep_ids / exclude_ids must be 'none' (per-slide contour picks have no place in a bundle)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise HexfastError(f"{path}: cannot be read as a CLAM preset CSV ({e})") from None
+    if not rows:
+        raise HexfastError(f"{path}: a CLAM preset needs a header and one row of settings")
+    row = {k.strip(): (v or "").strip() for k, v in rows[0].items() if k}
+    for key in ("keep_ids", "exclude_ids"):
+        if row.get(key, "none").lower() not in ("none", ""):
+            raise HexfastError(f"{path}: {key} picks contours of one slide; a bundle's preset must say none")
+    out = {}
+    for key, kind in PRESET_COLUMNS.items():
+        if key not in row or row[key] == "":
+            continue
+        value = row[key]
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = kind(float(value)) if kind is int else kind(value)
+        except ValueError:
+            raise HexfastError(f"{path}: {key} = {value!r} is not a {kind.__name__}") from None
+    return out
 
 
 def cmd_build_engines(args) -> int:

@@ -47,6 +47,9 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
     run.add_argument("--allow-non-brightfield", action="store_true",
                      help="score a slide whose dark background says it is not brightfield H&E (fluorescence): "
                           "HEX was trained on H&E, so its output there means nothing")
+    run.add_argument("--mica-bag", type=Path, metavar="DIR",
+                     help="feed MICA a lab's own CLAM bags: DIR/<slide>.h5 or DIR/h5_files/<slide>.h5 "
+                          "(extract_features_fp.py's features + coords) instead of computing them")
     run.add_argument("--max-tiles", type=positive_int, default=DEFAULT_MAX_TILES, metavar="N",
                      help=f"refuse a slide of more tiles (default {DEFAULT_MAX_TILES:,}: a typo such as --stride 1 "
                           f"would mean days of compute)")
@@ -135,7 +138,7 @@ def cmd_score(args) -> int:
     if args.resume:  # a slide scored with other weights or other settings is not "done"
         bundle_hash = load_bundle(args.model).hash
         settings = score_settings(stride=args.stride, mpp=args.mpp, stain_norm=args.stain_norm,
-                                  precision=args.precision)
+                                  precision=args.precision, mica_bag=args.mica_bag)
         done = [p for p in todo if outputs_complete(out, slide_name(p), bundle_hash=bundle_hash, settings=settings)]
         for path in done:
             summary.add(Row(path.name, "done before", detail=str(out / slide_name(path))))
@@ -157,7 +160,7 @@ def _open_scorer(args, slides: int):
     """A Scorer here, or a RayScorer over the cluster --ray names: the same score_many."""
     options = dict(precision=args.precision, batch_size=args.batch_size, threads=args.threads,
                    stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp, max_tiles=args.max_tiles,
-                   allow_non_brightfield=args.allow_non_brightfield)
+                   allow_non_brightfield=args.allow_non_brightfield, mica_bag=args.mica_bag)
     if args.ray is None:
         return Scorer(args.model, args.backend, device=args.device, cuda_graphs=args.cuda_graphs, **options)
     from ..score.cluster import RayScorer
@@ -217,10 +220,15 @@ class _Bars:
     def for_slide(self, path: Path):
         def progress(stage: str, done: int, total: int) -> None:
             bar = self.slides.get(path)
+            if bar is not None and bar.stage != stage:  # HEX's tiles done; MICA's patches next
+                bar.close()
+                bar = None
             if bar is None:
-                bar = self.slides[path] = tqdm(total=total, desc=console.printable(path.name[:30]), unit="tile",
-                                               position=1,
-                                               leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
+                name = console.printable(path.name[:30])
+                bar = self.slides[path] = tqdm(total=total, desc=name if stage == "tiles" else f"{name} {stage}",
+                                               unit="tile", position=1, leave=False, file=sys.stderr,
+                                               dynamic_ncols=True, disable=None)
+                bar.stage = stage
             bar.update(done - bar.n)
         return progress
 

@@ -8,6 +8,12 @@ f["features"] and f["coords"] (patch_size / patch_level on coords). Attributes
 (on the file and on coords): the tiles h5's (tiles.tile_attrs) plus
 marker_names, bundle_hash, demo, has_features.
 
+With a MICA bag (score.mica_bag): `mica_coords` (M,2 int64, level-0 top-left of
+CLAM's patches, with the attributes CLAM's patching writes on its `coords`:
+patch_size, patch_level, downsample, level_dim, name...) and `mica_features`
+(M,D float32, what MICA read, in that order) -- CLAM's features h5 layout
+under prefixed names, so one file holds both grids.
+
 Rows are appended batch by batch to a hidden file beside the target, so the
 features of a whole slide never sit in memory; close() renames it into place,
 abort() removes it.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -31,7 +37,8 @@ from .h5file import SafeH5, write_error
 from .tiles import tile_attrs
 
 # Whole rows per chunk (readers slice by tile), <= 1 MiB each.
-ROWS_PER_CHUNK = {"coords": 4096, "codex_prediction": 4096, "features": 256, "tissue_fraction": 4096}
+ROWS_PER_CHUNK = {"coords": 4096, "codex_prediction": 4096, "features": 256, "tissue_fraction": 4096,
+                  "mica_coords": 4096, "mica_features": 256}
 # Batches are gathered in memory and written in blocks of whole chunks (16 MiB
 # of features at most): partial writes into gzip chunks interleaved with the
 # features made HDF5 recompress chunks over and over (50k tiles in batches of
@@ -40,11 +47,53 @@ FLUSH_ROWS = 4096
 GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 # Float embeddings barely compress (gzip saved ~15% at 10x the write time on
 # 50k x 1024), so `features` is only chunked.
-COMPRESSED = {"coords", "codex_prediction", "tissue_fraction"}
+COMPRESSED = {"coords", "codex_prediction", "tissue_fraction", "mica_coords"}
+
+
+class _Rows:
+    """Datasets appended together, a row per tile: sized up front, written in blocks, trimmed at the end."""
+
+    def __init__(self, f: h5py.File, widths: Mapping[str, tuple[int, type]], rows: int):
+        self.n = 0  # rows appended
+        self.written = 0  # rows on disk
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.ds: dict[str, h5py.Dataset] = {
+            name: f.create_dataset(name, shape=(max(rows, 1), width), maxshape=(None, width), dtype=dtype,
+                                   chunks=(ROWS_PER_CHUNK[name], width), **(GZIP if name in COMPRESSED else {}))
+            for name, (width, dtype) in widths.items()}
+
+    def add(self, rows: Mapping[str, np.ndarray]) -> bool:
+        """Queues one batch; True when a block is due (flush)."""
+        n = len(next(iter(rows.values())))
+        for name, data in rows.items():
+            want = self.ds[name].shape[1]
+            if data.shape != (n, want):
+                raise ValueError(f"{name} batch must be ({n}, {want}), got {data.shape}")
+        for name, data in rows.items():
+            self.pending.setdefault(name, []).append(data)
+        self.n += n
+        return self.n - self.written >= FLUSH_ROWS
+
+    def flush(self) -> None:
+        n0, n1 = self.written, self.n
+        if n0 == n1:
+            return
+        for name, parts in self.pending.items():
+            dset = self.ds[name]
+            if n1 > len(dset):  # more tiles than expected: not expected, but allowed
+                dset.resize(max(n1, 2 * len(dset)), axis=0)
+            dset[n0:n1] = np.concatenate(parts)
+        self.pending = {}
+        self.written = n1
+
+    def trim(self) -> None:
+        for dset in self.ds.values():
+            dset.resize(self.n, axis=0)
 
 
 class ScoresH5:
-    """Append tiles, then close() (atomic rename) or abort(). Errors are OutputError naming `path`."""
+    """Append tiles (and MICA's bag), then close() (atomic rename) or abort(). Errors are OutputError
+    naming `path`."""
 
     def __init__(
         self,
@@ -56,13 +105,12 @@ class ScoresH5:
         demo: bool,
         marker_names: Sequence[str] = MARKERS,
         features_dim: int | None = 1024,
+        mica_bag: tuple[int, int, Mapping] | None = None,
     ):
+        """mica_bag: (patches, feature width, attributes of mica_coords) when the slide has one."""
         self.path = Path(path)
         self._tmp = temp_name(self.path)
         self._grid = grid
-        self._n = 0  # rows appended
-        self._written = 0  # rows on disk
-        self._pending: dict[str, list[np.ndarray]] = {}
         self._attrs = tile_attrs(slide, grid) | {
             "marker_names": list(marker_names),
             "bundle_hash": bundle_hash,
@@ -72,64 +120,60 @@ class ScoresH5:
         widths = {"coords": (2, np.int64), "codex_prediction": (len(marker_names), np.float32)}
         if features_dim is not None:
             widths["features"] = (int(features_dim), np.float32)
-        self._ds: dict[str, h5py.Dataset] = {}
+        self._mica_attrs = dict(mica_bag[2]) if mica_bag is not None else None
         self._h5: SafeH5 | None = None
+        self._mica: _Rows | None = None
         with self._reporting():
             self._h5 = SafeH5(self._tmp)  # HDF5's writes go through it: a full disk is an error, not a crash
             self._f = self._h5.file
-            # Sized for the whole grid up front and trimmed at close(), so the
-            # datasets are not resized per block; chunks are allocated as written.
-            rows = max(len(grid), 1)
-            for name, (width, dtype) in widths.items():
-                self._ds[name] = self._f.create_dataset(
-                    name, shape=(rows, width), maxshape=(None, width), dtype=dtype,
-                    chunks=(ROWS_PER_CHUNK[name], width), **(GZIP if name in COMPRESSED else {}),
-                )
-            self._ds["codex_prediction"].attrs["marker_names"] = list(marker_names)
+            self._tiles = _Rows(self._f, widths, len(grid))
+            if mica_bag is not None:
+                self._mica = _Rows(self._f, {"mica_coords": (2, np.int64),
+                                             "mica_features": (int(mica_bag[1]), np.float32)}, mica_bag[0])
+            self._tiles.ds["codex_prediction"].attrs["marker_names"] = list(marker_names)
 
     def __len__(self) -> int:
-        return self._n
+        return self._tiles.n
+
+    @property
+    def mica_rows(self) -> int:
+        return self._mica.n if self._mica is not None else 0
 
     def append(self, coords: np.ndarray, codex_prediction: np.ndarray, features: np.ndarray | None = None) -> None:
         # Copies: the batch is held until the next block write, and engines may reuse their buffers.
         coords = np.array(coords, np.int64).reshape(-1, 2)
         rows = {"coords": coords, "codex_prediction": np.array(codex_prediction, np.float32)}
-        if "features" in self._ds:
+        if "features" in self._tiles.ds:
             if features is None:
                 raise ValueError(f"{self.path}: features were expected with every batch")
             rows["features"] = np.array(features, np.float32)
-        for name, data in rows.items():
-            want = self._ds[name].shape[1]
-            if data.shape != (len(coords), want):
-                raise ValueError(f"{name} batch must be ({len(coords)}, {want}), got {data.shape}")
-        for name, data in rows.items():
-            self._pending.setdefault(name, []).append(data)
-        self._n += len(coords)
-        if self._n - self._written >= FLUSH_ROWS:
+        if self._tiles.add(rows):
+            self._flush()
+
+    def append_mica(self, coords: np.ndarray, features: np.ndarray) -> None:
+        """A batch of MICA's bag: its patches' level-0 coords and features, in MICA's order."""
+        if self._mica is None:
+            raise ValueError(f"{self.path}: opened without a MICA bag")
+        if self._mica.add({"mica_coords": np.array(coords, np.int64).reshape(-1, 2),
+                           "mica_features": np.array(features, np.float32)}):
             self._flush()
 
     def _flush(self) -> None:
-        if self._n == self._written:
-            return
         with self._reporting():
-            n0, n1 = self._written, self._n
-            for name, parts in self._pending.items():
-                dset = self._ds[name]
-                if n1 > len(dset):  # more tiles than the grid had: not expected, but allowed
-                    dset.resize(max(n1, 2 * len(dset)), axis=0)
-                dset[n0:n1] = np.concatenate(parts)
-            self._pending = {}
-            self._written = n1
+            for rows in (self._tiles, self._mica):
+                if rows is not None:
+                    rows.flush()
             self._h5.flush()  # a write that failed is raised here, a block at a time
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows [start, stop) of a dataset as written so far (all of them by default)."""
-        if name not in self._ds:
-            raise KeyError(f"{self.path}: no {name!r} dataset (features_dim=None?)")
+        rows = self._mica if name.startswith("mica_") else self._tiles
+        if rows is None or name not in rows.ds:
+            raise KeyError(f"{self.path}: no {name!r} dataset")
         self._flush()
-        stop = self._n if stop is None else min(stop, self._n)
+        stop = rows.n if stop is None else min(stop, rows.n)
         try:
-            return self._ds[name][start:stop]
+            return rows.ds[name][start:stop]
         except OSError as e:
             raise OutputError(self.path, f"cannot read back {name}: {write_error(e)}") from e
 
@@ -137,17 +181,18 @@ class ScoresH5:
         """Adds tissue_fraction and the attributes, then renames into place."""
         self._flush()
         with self._reporting():
-            for dset in self._ds.values():
-                dset.resize(self._n, axis=0)
-            coords = self._ds["coords"][: self._n]
+            self._tiles.trim()
+            coords = self._tiles.ds["coords"][: self._tiles.n]
             fraction = tissue_fraction(self._grid, coords)
-            self._ds["tissue_fraction"] = self._f.create_dataset(
-                "tissue_fraction", data=fraction, chunks=(min(max(len(fraction), 1), 8192),),
-                maxshape=(None,), **GZIP,
-            )
+            self._f.create_dataset("tissue_fraction", data=fraction, chunks=(min(max(len(fraction), 1), 8192),),
+                                   maxshape=(None,), **GZIP)
             for key, value in self._attrs.items():
-                self._ds["coords"].attrs[key] = value
+                self._tiles.ds["coords"].attrs[key] = value
                 self._f.attrs[key] = value
+            if self._mica is not None:
+                self._mica.trim()
+                for key, value in self._mica_attrs.items():
+                    self._mica.ds["mica_coords"].attrs[key] = value
             self._h5.close()
             os.replace(self._tmp, self.path)
 
@@ -169,7 +214,6 @@ class ScoresH5:
             if problem is not None:
                 raise OutputError(self.path, f"cannot write: {problem}") from e
             raise
-
 
 def tissue_fraction(grid: TileGrid, coords: np.ndarray) -> np.ndarray:
     """The grid's tissue fraction for each written tile (tiles may be skipped); NaN if not in the grid."""

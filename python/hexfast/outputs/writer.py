@@ -1,6 +1,6 @@
 """All of one slide's score outputs, in OUT/<stem>/, and whether they are complete.
 
-OUT/<stem>/<stem>.h5               coords, codex_prediction, features (scores_h5)
+OUT/<stem>/<stem>.h5               coords, codex_prediction, features; mica_coords, mica_features (scores_h5)
 OUT/<stem>/virtual_codex.ome.tif   the virtual CODEX grid, 40 named channels (ome_tiff)
 OUT/<stem>/overview.png            thumbnail + marker heatmaps (overview)
 OUT/<stem>/report.json             metadata, timings, MICA (report) -- written LAST
@@ -21,7 +21,8 @@ The pipeline streams into a SlideWriter:
 
     writer = SlideWriter(OUT, slide, grid, bundle, backend)
     for coords, markers, features in batches: writer.append(coords, markers, features)
-    writer.feature_chunks(4096)  # read back from disk in chunks, e.g. for MICA
+    for coords, features in bag: writer.append_mica(coords, features)   # MICA's bag, when it has one
+    writer.feature_chunks(4096)  # read back from disk in chunks, for MICA (mica_feature_chunks: the bag)
     writer.finish(coords, markers, codex_grid, mica=..., seconds=...)   # -> {"h5": path, ...}
     (writer.abort() on failure: drops the partial h5; no report.json, so not complete)
 """
@@ -82,9 +83,10 @@ class SlideWriter:
         features_dim: int | None = 1024,
         overview_markers: Sequence[str] | str = DEFAULT_MARKERS,
         settings: Mapping | None = None,
+        mica_bag: tuple[int, int, Mapping] | None = None,
     ):
         """settings: the options that changed these outputs (report.json's "settings"; --resume
-        compares them)."""
+        compares them). mica_bag: (patches, feature width, mica_coords attributes) of MICA's bag."""
         self.slide, self.grid, self.bundle, self.backend = slide, grid, bundle, backend
         self.settings = dict(settings or {})
         self.overview_markers = overview_markers
@@ -109,7 +111,7 @@ class SlideWriter:
                 raise OutputError(self.paths.report, f"cannot remove the previous report: {e.strerror}") from e
             self._h5 = ScoresH5(
                 self.paths.h5, slide, grid, bundle_hash=bundle.hash, demo=bundle.demo,
-                marker_names=bundle.markers, features_dim=features_dim,
+                marker_names=bundle.markers, features_dim=features_dim, mica_bag=mica_bag,
             )
         except BaseException:
             self._lock.release()
@@ -118,10 +120,18 @@ class SlideWriter:
     def append(self, coords: np.ndarray, markers: np.ndarray, features: np.ndarray | None = None) -> None:
         self._h5.append(coords, markers, features)
 
+    def append_mica(self, coords: np.ndarray, features: np.ndarray) -> None:
+        self._h5.append_mica(coords, features)
+
     def feature_chunks(self, rows: int) -> Iterator[np.ndarray]:
         """The features written so far, read back from the h5 `rows` tiles at a time (for MICA)."""
         for start in range(0, len(self._h5), rows):
             yield self._h5.read("features", start, start + rows)
+
+    def mica_feature_chunks(self, rows: int) -> Iterator[np.ndarray]:
+        """MICA's bag as written so far, `rows` patches at a time."""
+        for start in range(0, self._h5.mica_rows, rows):
+            yield self._h5.read("mica_features", start, start + rows)
 
     def finish(
         self,
@@ -146,7 +156,7 @@ class SlideWriter:
         p, slide, grid, bundle = self.paths, self.slide, self.grid, self.bundle
         write_ome_tiff(p.ome_tiff, codex_grid, bundle.markers, grid.stride * slide.mpp, name=p.dir.name)
         notes = [f"bundle {bundle.hash[:12]}" + (" (DEMO)" if bundle.demo else "")]
-        if mica is not None:
+        if mica is not None and "risk" in mica:
             notes.append(f"MICA risk {mica['risk']:.3g}")
         write_overview_png(
             p.overview, slide, grid, markers, codex_grid, coords=coords, demo=bundle.demo,
@@ -186,7 +196,8 @@ def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,
                      settings: Mapping | None = None) -> bool:
     """True when OUT/<stem>/ holds a whole set from one finished run: all four files, report.json
     parses, the h5 has coords (N,2) and codex_prediction (N,C) with N = the report's tile_count,
-    the OME-TIFF is a C-channel image and the PNG decodes. With bundle_hash and settings, the run
+    the OME-TIFF is a C-channel image and the PNG decodes, and MICA's bag (when the report says it
+    read one) has the patches the report counts. With bundle_hash and settings, the run
     must also have used that bundle and those settings (a resume with other weights, another
     stride, MPP, tissue threshold, stain normalisation or precision redoes the slide)."""
     paths = output_paths(out_dir, stem)
@@ -204,6 +215,9 @@ def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,
             if not (coords.shape == (n, 2) and pred.ndim == 2 and pred.shape[0] == n):
                 return False
             channels = pred.shape[1]
+            bag = (report.get("mica") or {}).get("bag") or {}
+            if bag.get("tiles") and f["mica_coords"].shape != (int(bag["tiles"]), 2):
+                return False
         with tifffile.TiffFile(paths.ome_tiff) as tif:
             if not (tif.is_ome and tif.series[0].shape[0] == channels):
                 return False

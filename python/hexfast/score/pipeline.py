@@ -1,6 +1,12 @@
 """Scoring one slide, or many: TileStream → HEX engine → virtual CODEX →
 CODEX encoder → MICA, then the per-slide outputs.
 
+MICA reads the bag its bundle declares (score.mica_bag): for the official pipeline's
+"resnet50-trunc", CLAM's patches are laid out beside hexfast's grid (slide.clam_patches) and a
+second TileStream reads them in the same run, filling its ring while HEX runs, through the
+bundle's he_features model (always fp32, like the slide-level models); `mica_bag` reads a lab's
+own CLAM bags instead.
+
 Reading overlaps inference: the stream's C++ workers fill a bounded ring of
 batches while the engine runs (ONNX Runtime and TensorRT release the GIL).
 With several slides, the next slide is opened, tiled and its first batches
@@ -25,17 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError, load_bundle
+from ..bundle import MANIFEST, Bundle, BundleError, load_bundle
 from ..engines import BackendUnavailable, Engine, create_engine
 from ..engines.build import engine_key
 from ..engines.devices import gpu_name
+from ..errors import HexfastError
 from ..outputs import SlideWriter
 from .._core import __version__
 from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, Slide, TileGrid, TissueParams, open_slide, tile_slide
+from ..slide.clam_patches import ClamParams, ClamPatches, clam_patches
 from ..stream import TileStream
 from .codex_grid import codex_encoder_input, virtual_codex
-from .hex_pass import Cancelled, HexTiles, run_hex
+from .mica_bag import MicaBag, find_bag, open_bag
 from .mica_stream import CHUNK_TILES, stream_mica
+from .tile_pass import Cancelled, HexTiles, run_he_features, run_hex
 
 log = logging.getLogger("hexfast.pipeline")
 
@@ -58,7 +67,10 @@ class SlideResult:
     demo: bool
     features: np.ndarray | None = None  # (N, 1024) when kept in memory (no output directory)
     codex_grid: np.ndarray | None = None  # (gh, gw, 40), one cell per stride
-    mica: dict | None = None            # mica_stream.mica_summary: hazards, survival, risk, most_attended tiles
+    mica: dict | None = None            # mica_stream.mica_summary: hazards, survival, risk, most_attended tiles,
+    #                                     the bag it read; or {"skipped": why} when the bag is empty
+    mica_coords: np.ndarray | None = None  # (M, 2) level-0 top-left of MICA's bag (CLAM's patches)
+    mica_features: np.ndarray | None = None  # (M, 1024) when kept in memory (no output directory)
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     skipped: list = field(default_factory=list)
@@ -88,6 +100,15 @@ class _Prepared:
     grid: TileGrid
     stream: TileStream | None
     seconds: dict[str, float]
+    clam: ClamPatches | None = None  # MICA's patches, when the Scorer computes its bag
+    clam_stream: TileStream | None = None
+    bag: MicaBag | None = None  # a --mica-bag file, opened and checked
+
+    def close(self) -> None:
+        for stream in (self.stream, self.clam_stream):
+            if stream is not None:
+                stream.close()
+        self.slide.close()
 
 
 class Scorer:
@@ -101,13 +122,17 @@ class Scorer:
     no partial outputs); called when none is in progress, it cancels the next one
     to start, before that reads anything -- so a Cancel clicked while a job is
     still being handed to its thread is never lost.
+
+    `mica_bag`: a directory of CLAM features h5 files (one per slide, named after it), fed to MICA
+    instead of the bag the Scorer would compute (score.mica_bag).
     """
 
     def __init__(self, model: str | os.PathLike | Bundle | None = None, backend: str = "auto", *,
                  precision: str = "fp32", batch_size: int = 64, threads: int = 2, stain_norm: str = "none",
                  stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
                  max_tiles: int = DEFAULT_MAX_TILES, allow_non_brightfield: bool = False,
-                 engine_threads: int | None = None, device: int = 0, cuda_graphs: bool = False):
+                 engine_threads: int | None = None, device: int = 0, cuda_graphs: bool = False,
+                 mica_bag: str | os.PathLike | None = None):
         self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
         self.precision = precision
         self.batch_size = batch_size
@@ -128,6 +153,19 @@ class Scorer:
         # MICA's online softmax and the CODEX encoder's quantisation exact.
         self.codex_encoder = engine("codex_encoder", "fp32") if self.bundle.has("codex_encoder") else None
         self.mica = engine("mica", "fp32") if self.bundle.has("mica") and self.codex_encoder else None
+        self.mica_bag = Path(mica_bag) if mica_bag is not None else None
+        self.clam_params: ClamParams | None = None
+        self.he_features = None
+        if self.mica_bag is not None:
+            if self.mica is None:
+                raise HexfastError(f"{self.mica_bag}: --mica-bag feeds MICA, and bundle {self.bundle.path} has no "
+                                   "MICA model")
+            if not self.mica_bag.is_dir():
+                raise HexfastError(f"{self.mica_bag}: --mica-bag needs a directory of CLAM features h5 files")
+        elif self.mica is not None and self.bundle.mica_features["kind"] == "resnet50-trunc":
+            self.clam_params = ClamParams.from_manifest(self.bundle.mica_features["patching"],
+                                                        self.bundle.path / MANIFEST)
+            self.he_features = engine("he_features", "fp32")
         self.backend = self.hex.backend
         log.info("HEX engine: %s", self.hex.describe())
 
@@ -139,7 +177,7 @@ class Scorer:
     def settings(self) -> dict:
         """Every option that changes what score() writes (report.json's "settings")."""
         return score_settings(stride=self.stride, mpp=self.mpp, min_tissue=self.min_tissue,
-                              stain_norm=self.stain_norm, precision=self.precision)
+                              stain_norm=self.stain_norm, precision=self.precision, mica_bag=self.mica_bag)
 
     # ------------------------------------------------------------- control
 
@@ -147,7 +185,7 @@ class Scorer:
         self._calls.cancel()
 
     def close(self) -> None:
-        for engine in (self.hex, self.codex_encoder, self.mica):
+        for engine in (self.hex, self.codex_encoder, self.mica, self.he_features):
             if engine is not None:
                 engine.close()
 
@@ -206,28 +244,50 @@ class Scorer:
             pool.shutdown(wait=True)
 
     def _prepare(self, path: Path) -> _Prepared:
-        """Open, tile and start streaming (the workers begin filling the ring)."""
+        """Open, tile and start streaming (the workers begin filling the ring); the same for MICA's
+        patches, or open and check its --mica-bag file."""
         start = time.perf_counter()
         slide = open_slide(path, self.mpp)
+        prep = _Prepared(slide, None, None, {})
         try:
-            grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue, max_tiles=self.max_tiles,
-                              allow_non_brightfield=self.allow_non_brightfield)
+            prep.grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue, max_tiles=self.max_tiles,
+                                   allow_non_brightfield=self.allow_non_brightfield)
             tiled = time.perf_counter()
-            stream = None
-            if len(grid):
-                stream = TileStream(slide, grid.coords, batch_size=self.batch_size, threads=self.threads,
-                                    stain_norm=self.stain_norm)
+            if len(prep.grid):
+                prep.stream = TileStream(slide, prep.grid.coords, batch_size=self.batch_size, threads=self.threads,
+                                         stain_norm=self.stain_norm)
+            prep.seconds = {"tissue+grid": tiled - start, "stream start": time.perf_counter() - tiled}
+            if self.mica is not None and len(prep.grid):
+                t = time.perf_counter()
+                if self.mica_bag is not None:
+                    prep.bag = open_bag(find_bag(self.mica_bag, slide), slide, self._mica_width())
+                    prep.seconds["mica bag check"] = time.perf_counter() - t
+                else:
+                    self._prepare_clam(prep)
+                    prep.seconds["clam patching"] = time.perf_counter() - t
         except BaseException:
-            slide.close()
+            prep.close()
             raise
-        return _Prepared(slide, grid, stream, {"tissue+grid": tiled - start,
-                                               "stream start": time.perf_counter() - tiled})
+        return prep
+
+    def _prepare_clam(self, prep: _Prepared) -> None:
+        if self.clam_params is None:  # hex-embedding: MICA reads the HEX pass's features
+            return
+        prep.clam = clam_patches(prep.slide, self.clam_params)
+        if len(prep.clam):  # CLAM's features see the plain pixels: no stain normalisation
+            size = prep.clam.patch_size
+            prep.clam_stream = TileStream(prep.slide, prep.clam.coords, read_size=size, out_size=size,
+                                          batch_size=self.batch_size, threads=self.threads)
+
+    def _mica_width(self) -> int:
+        return int(self.bundle.model("mica")["inputs"]["h_path"]["shape"][1])
 
     def _finish(self, prep: _Prepared, out, progress: Progress | None, cancelled: threading.Event) -> SlideResult:
         slide, grid = prep.slide, prep.grid
         writer = None
         if out is not None:
-            writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings)
+            writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings,
+                                 mica_bag=self._bag_spec(prep))
         try:
             tiles = run_hex(prep.stream, self.hex, writer, slide.path, len(grid), progress, cancelled)
             seconds = {**prep.seconds, **tiles.seconds}
@@ -235,16 +295,22 @@ class Scorer:
             # One cell per stride (finer with overlapping tiles): the OME-TIFF and the overview show it.
             codex_grid = virtual_codex(tiles.coords, tiles.markers, grid.stride, slide.dimensions)
             seconds["virtual codex"] = time.perf_counter() - start
-            mica = None
+            mica = bag = None
             if self.mica is not None and len(tiles.coords):
+                bag = self._mica_bag(prep, tiles, writer, progress, cancelled, seconds)
                 start = time.perf_counter()
-                mica = self._run_mica(tiles, grid.tile_size, slide.dimensions, writer)
+                if len(bag):
+                    mica = self._run_mica(tiles, grid.tile_size, slide.dimensions, bag) | {"bag": bag.info}
+                else:
+                    mica = {"skipped": bag.info["empty"], "bag": bag.info}
+                    log.warning("%s: MICA not run: %s", slide.path, bag.info["empty"])
                 seconds["codex encoder+mica"] = time.perf_counter() - start
             result = SlideResult(
                 path=slide.path, coords=tiles.coords, markers=tiles.markers, marker_names=list(self.bundle.markers),
                 tile_size=grid.tile_size, stride=grid.stride, mpp=slide.mpp, backend=self.backend,
                 demo=self.bundle.demo, features=tiles.features, codex_grid=codex_grid, mica=mica, seconds=seconds,
-                skipped=tiles.skipped)
+                skipped=tiles.skipped, mica_coords=bag.coords if bag is not None else None,
+                mica_features=bag.features if bag is not None else None)
             if writer is not None:
                 start = time.perf_counter()
                 result.outputs = writer.finish(result.coords, result.markers, codex_grid, mica=mica,
@@ -257,25 +323,66 @@ class Scorer:
                 writer.abort()
             raise
         finally:
-            if prep.stream is not None:
-                prep.stream.close()
-            slide.close()
+            prep.close()
 
-    def _run_mica(self, tiles: HexTiles, tile_size: int, level0_size: tuple[int, int],
-                  writer: SlideWriter | None) -> dict:
-        """CODEX encoder over the reference's grid, then MICA streamed over the features: its summary."""
+    def _bag_spec(self, prep: _Prepared) -> tuple[int, int, dict] | None:
+        """What the h5 holds of MICA's bag: (patches, width, mica_coords attributes), or None."""
+        if prep.bag is not None:
+            return len(prep.bag), self._mica_width(), {"source": prep.bag.info["source"]}
+        if prep.clam is not None:
+            return len(prep.clam), self._mica_width(), prep.clam.attrs(prep.slide)
+        return None
+
+    def _mica_bag(self, prep: _Prepared, tiles: HexTiles, writer: SlideWriter | None, progress,
+                  cancelled: threading.Event, seconds: dict) -> MicaBag:
+        """The bag MICA reads, in chunks: CLAM's patches through he_features (computed now, into the
+        h5), a --mica-bag file (copied into the h5), or the HEX pass's own features."""
+        if prep.bag is not None:
+            bag = prep.bag
+            if writer is not None:  # the h5 keeps what MICA read
+                start = 0
+                for chunk in bag.chunks(CHUNK_TILES):
+                    writer.append_mica(bag.coords[start:start + len(chunk)], chunk)
+                    start += len(chunk)
+            return bag
+        if prep.clam is not None:
+            info = {"features": "resnet50-trunc", "grid": "CLAM create_patches_fp.py", "tiles": len(prep.clam),
+                    "contours": prep.clam.contours, "seg_level": prep.clam.seg_level,
+                    "patching": self.clam_params.as_manifest()}
+            if not len(prep.clam):
+                info["empty"] = (f"CLAM's patching found no tissue contour above its minimum area (a_t = "
+                                 f"{self.clam_params.a_t:g} reference patches of {self.clam_params.ref_patch_size}"
+                                 f" px at level 0)")
+                return MicaBag(prep.clam.coords, lambda rows: iter(()), info)
+            feats = run_he_features(prep.clam_stream, self.he_features, writer, prep.slide.path, len(prep.clam),
+                                    progress, cancelled)
+            seconds.update(feats.seconds)
+            info["skipped_patches"] = len(feats.skipped)
+            if writer is not None:
+                bag = MicaBag(feats.coords, writer.mica_feature_chunks, info)
+            else:
+                bag = MicaBag(feats.coords, _chunks_of(feats.features), info, feats.features)
+            return bag
+        info = {"features": "hex-embedding", "grid": "hexfast's HEX grid", "tiles": len(tiles.coords)}
+        if writer is not None:  # read back from the h5 a chunk at a time: memory independent of the tile count
+            return MicaBag(tiles.coords, writer.feature_chunks, info)
+        return MicaBag(tiles.coords, _chunks_of(tiles.features), info, tiles.features)
+
+    def _run_mica(self, tiles: HexTiles, tile_size: int, level0_size: tuple[int, int], bag: MicaBag) -> dict:
+        """CODEX encoder over the reference's grid, then MICA streamed over the bag: its summary, the
+        most-attended tiles in the bag's level-0 coords."""
         # The encoder sees the reference's grid: whole slide from (0, 0), one cell per tile size.
         codex = codex_encoder_input(tiles.coords, tiles.markers, tile_size, level0_size)
         codex_features = self.codex_encoder.run({"codex": np.ascontiguousarray(codex, np.float32)})["features"]
-        if writer is None:  # features in memory (no output directory)
-            def chunks():
-                return (tiles.features[i:i + CHUNK_TILES] for i in range(0, len(tiles.features), CHUNK_TILES))
-        else:  # read back from the h5 a chunk at a time: memory independent of the tile count
-            def chunks():
-                return writer.feature_chunks(CHUNK_TILES)
         state_width = self.bundle.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
-        out = stream_mica(self.mica.run, codex_features, chunks, state_width=state_width)
-        return out.summary(tiles.coords, self.bundle.markers)
+        out = stream_mica(self.mica.run, codex_features, lambda: bag.chunks(CHUNK_TILES), state_width=state_width)
+        return out.summary(bag.coords, self.bundle.markers)
+
+
+def _chunks_of(features: np.ndarray):
+    def chunks(rows: int):
+        return (features[i:i + rows] for i in range(0, len(features), rows))
+    return chunks
 
 
 def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str = "fp32",
@@ -333,12 +440,14 @@ def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
 
 
 def score_settings(*, stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
-                   stain_norm: str = "none", precision: str = "fp32") -> dict:
+                   stain_norm: str = "none", precision: str = "fp32", mica_bag: str | os.PathLike | None = None
+                   ) -> dict:
     """The options that change a slide's outputs, as report.json records them and --resume compares
     them (None: the default for the slide, e.g. stride = the tile size, MPP from the file). The
     tissue detection's own parameters are hexfast's defaults, so its version stands for them."""
     return {"stride": stride, "mpp": mpp, "min_tissue": min_tissue, "stain_norm": stain_norm,
-            "precision": precision, "tissue": asdict(TissueParams()) | {"hexfast": __version__}}
+            "precision": precision, "mica_bag": os.fspath(Path(mica_bag).resolve()) if mica_bag else None,
+            "tissue": asdict(TissueParams()) | {"hexfast": __version__}}
 
 
 class _Calls:
@@ -382,6 +491,4 @@ def _discard(future: Future) -> None:
         prepared = future.result()
     except Exception:  # noqa: BLE001 - it was never going to be used
         return
-    if prepared.stream is not None:
-        prepared.stream.close()
-    prepared.slide.close()
+    prepared.close()

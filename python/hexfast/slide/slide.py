@@ -154,6 +154,16 @@ class Slide:
         """RGB uint8 (h, w, 3); transparent areas (outside the scan) take the slide's background colour."""
         return np.asarray(self._read_rgb(location, level, size))
 
+    def read_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGBA uint8 (h, w, 4) as OpenSlide gives it: outside the scan transparent black (CLAM's input)."""
+        try:
+            return np.asarray(self._osr.read_region(location, level, size))
+        except openslide.OpenSlideError as e:
+            raise SlideError(self.path, f"cannot read pixels at level {level}, level-0 {location}: {e}") from e
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        return self._osr.get_best_level_for_downsample(downsample)
+
     def _read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         try:
             rgba = self._osr.read_region(location, level, size)

@@ -1,7 +1,11 @@
-"""The HEX pass over one slide: tiles → engine → outputs, as stages joined by bounded queues.
+"""Passes over one slide's tiles: tiles → engine → outputs, as stages joined by bounded queues.
 
     TileStream workers (C++ threads)  ──ring of batches──►  this thread: submit / collect  ──queue──►  writer thread
     read, decode, resize                                   (two batches in flight)              h5 appends (features)
+
+Two passes use it: the HEX pass (run_hex: markers and the embedding of every tile of hexfast's grid)
+and, for a MICA trained on CLAM's bags, the H&E feature pass (run_he_features: the he_features model
+over CLAM's patches).
 
 * The C++ TileStream fills its ring ahead of the engine (its own threads, no GIL).
 * This thread submits a batch to the engine and collects the batch before it: an engine that
@@ -15,8 +19,9 @@ queued writes. Markers and coords stay in memory (176 bytes a tile); features go
 (or into memory when there is none). Cancel, an engine or writer error, Ctrl-C and SIGTERM stop
 every stage: the writer thread is told to drop what is queued and joined before the error goes on.
 
-Where the time goes is kept in seconds: "hex wait: tiles" (this thread waiting for the stream),
-"hex wait: engine" (for collect), "hex wait: writer" (for a place in its queue, and at the end).
+Where the time goes is kept in seconds, per pass: "<pass> wait: tiles" (this thread waiting for
+the stream), "<pass> wait: engine" (for collect), "<pass> wait: writer" (for a place in its queue,
+and at the end).
 """
 
 from __future__ import annotations
@@ -53,18 +58,73 @@ class HexTiles:
     seconds: dict[str, float]
 
 
+@dataclass
+class FeatureTiles:
+    """What the H&E feature pass gives: CLAM's patches in order and their features (None when the
+    writer took them), the tiles the stream skipped, and its timings."""
+
+    coords: np.ndarray
+    features: np.ndarray | None
+    skipped: list
+    seconds: dict[str, float]
+
+
 def run_hex(stream, engine, writer, path: Path, total: int, progress: Callable | None,
             cancelled: threading.Event) -> HexTiles:
-    """`stream` (a TileStream, or None for a slide without tiles) through `engine`, into `writer`
-    (a SlideWriter, or None: features kept in memory)."""
-    parts: dict[str, list[np.ndarray]] = {"coords": [], "markers": [], "features": []}
+    """`stream` (a TileStream, or None for a slide without tiles) through the HEX `engine`, into
+    `writer` (a SlideWriter, or None: features kept in memory)."""
+    markers: list[np.ndarray] = []
+    kept: list[np.ndarray] = []
+
+    def take(coords, out, sink):
+        batch_markers = np.asarray(out["markers"], np.float32)
+        features = np.asarray(out["embedding"], np.float32)
+        markers.append(batch_markers)
+        if sink is None:
+            kept.append(features)
+        else:
+            sink.put(coords, batch_markers, features)
+
+    coords, seconds = _run(stream, engine, writer.append if writer is not None else None, take, path, total,
+                           progress, cancelled, "tiles", "hex")
+    return HexTiles(coords=coords, markers=_stack(markers, 40),
+                    features=None if writer is not None else _stack(kept, 1024),
+                    skipped=stream.skipped if stream is not None else [], seconds=seconds)
+
+
+def run_he_features(stream, engine, writer, path: Path, total: int, progress: Callable | None,
+                    cancelled: threading.Event) -> FeatureTiles:
+    """CLAM's patches (`stream`) through the he_features `engine`, into the writer's MICA bag
+    (SlideWriter.append_mica) or memory."""
+    kept: list[np.ndarray] = []
+
+    def take(coords, out, sink):
+        features = np.asarray(out["features"], np.float32)
+        if sink is None:
+            kept.append(features)
+        else:
+            sink.put(coords, features)
+
+    coords, seconds = _run(stream, engine, writer.append_mica if writer is not None else None, take, path, total,
+                           progress, cancelled, "mica tiles", "mica features")
+    return FeatureTiles(coords=coords, features=None if writer is not None else _stack(kept, 1024),
+                        skipped=stream.skipped if stream is not None else [], seconds=seconds)
+
+
+def _run(stream, engine, write: Callable | None, take: Callable, path: Path, total: int,
+         progress: Callable | None, cancelled: threading.Event, stage: str, name: str
+         ) -> tuple[np.ndarray, dict[str, float]]:
+    """The loop both passes share: stream → engine (IN_FLIGHT batches) → take(coords, outputs, sink),
+    where sink is the writer thread running `write` (None: no writer). Returns the coords in order
+    and the pass's timings."""
+    coords_seen: list[np.ndarray] = []
     waits = dict.fromkeys(("tiles", "engine", "writer"), 0.0)
     engine_s = 0.0
     done = 0
     start = time.perf_counter()
     if progress:
-        progress("tiles", 0, total)
-    sink = _WriterThread(writer) if writer is not None and stream is not None else None
+        progress(stage, 0, total)
+    sink = _WriterThread(write) if write is not None and stream is not None else None
     in_flight: collections.deque = collections.deque()
     try:
         batches = iter(stream) if stream is not None else iter(())
@@ -77,7 +137,7 @@ def run_hex(stream, engine, writer, path: Path, total: int, progress: Callable |
                 exhausted = batch is None
                 if batch is not None:
                     if cancelled.is_set():
-                        raise Cancelled(f"{path}: cancelled after {done} of {total} tiles")
+                        raise Cancelled(f"{path}: cancelled after {done} of {total} {stage}")
                     coords, tiles = batch
                     t = time.perf_counter()
                     in_flight.append((np.array(coords), engine.submit({"tiles": tiles})))
@@ -90,19 +150,13 @@ def run_hex(stream, engine, writer, path: Path, total: int, progress: Callable |
                 wait = time.perf_counter() - t
                 waits["engine"] += wait
                 engine_s += wait
-                markers = np.asarray(out["markers"], np.float32)
-                features = np.asarray(out["embedding"], np.float32)
-                parts["coords"].append(coords)
-                parts["markers"].append(markers)
-                if sink is not None:
-                    t = time.perf_counter()
-                    sink.put(coords, markers, features)
-                    waits["writer"] += time.perf_counter() - t
-                else:
-                    parts["features"].append(features)
+                coords_seen.append(coords)
+                t = time.perf_counter()
+                take(coords, out, sink)
+                waits["writer"] += time.perf_counter() - t
                 done += len(coords)
                 if progress:
-                    progress("tiles", done, total)
+                    progress(stage, done, total)
         if sink is not None:
             t = time.perf_counter()
             sink.close()
@@ -111,23 +165,22 @@ def run_hex(stream, engine, writer, path: Path, total: int, progress: Callable |
         if sink is not None:
             sink.abandon()
         raise
-    seconds = {"stream+hex": time.perf_counter() - start, "hex engine (within stream+hex)": engine_s}
-    seconds |= {f"hex wait: {k} (within stream+hex)": v for k, v in waits.items()}
-    features = None
-    if writer is None:
-        features = np.concatenate(parts["features"]) if parts["features"] else np.zeros((0, 1024), np.float32)
-    return HexTiles(
-        coords=np.concatenate(parts["coords"]) if parts["coords"] else np.zeros((0, 2), np.int64),
-        markers=np.concatenate(parts["markers"]) if parts["markers"] else np.zeros((0, 40), np.float32),
-        features=features, skipped=stream.skipped if stream is not None else [], seconds=seconds)
+    seconds = {f"stream+{name}": time.perf_counter() - start, f"{name} engine (within stream+{name})": engine_s}
+    seconds |= {f"{name} wait: {k} (within stream+{name})": v for k, v in waits.items()}
+    coords = np.concatenate(coords_seen) if coords_seen else np.zeros((0, 2), np.int64)
+    return coords, seconds
+
+
+def _stack(parts: list[np.ndarray], width: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
 
 
 class _WriterThread:
-    """writer.append on its own thread, behind a bounded queue. An append that fails stops it; the
-    error is raised to the producer at its next put() or at close()."""
+    """`write` (a writer's append) on its own thread, behind a bounded queue. An append that fails
+    stops it; the error is raised to the producer at its next put() or at close()."""
 
-    def __init__(self, writer, depth: int = WRITER_DEPTH):
-        self._writer = writer
+    def __init__(self, write: Callable, depth: int = WRITER_DEPTH):
+        self._write = write
         self._queue: queue.Queue = queue.Queue(depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="hexfast-writer", daemon=True)
@@ -140,7 +193,7 @@ class _WriterThread:
                 return
             if self._error is None:
                 try:
-                    self._writer.append(*item)
+                    self._write(*item)
                 except BaseException as e:  # noqa: BLE001 - raised in the producer's thread
                     self._error = e
 
