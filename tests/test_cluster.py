@@ -19,7 +19,7 @@ import pytest
 
 import hexfast
 from conftest import shared_file
-from test_score import CMU, CMU_STEM, corrupt_level0_tile, four_files, he_slide, mtimes, run, small_slide, temp_files
+from test_score import CMU, CMU_STEM, corrupt_level0_tile, slide_files, he_slide, mtimes, run, small_slide, temp_files
 
 try:
     import ray
@@ -69,7 +69,7 @@ def test_ray_equals_local_bit_for_bit(cmu, cmu_local, tmp_path, capsys):
     assert code == 0, err
     assert "Ray worker" in err and "ort-cpu" in err
     assert re.search(rf"^{CMU_STEM}\.svs\s+ok\s+\d+ ", stdout, re.M) and "1 of 1 slides ok" in stdout
-    assert sorted(p.name for p in (out / CMU_STEM).iterdir()) == four_files(CMU_STEM)
+    assert sorted(p.name for p in (out / CMU_STEM).iterdir()) == slide_files(CMU_STEM)
     assert outputs_complete(out, CMU_STEM) and temp_files(out) == []
     assert_same_h5(cmu_local / f"{CMU_STEM}.h5", out / CMU_STEM / f"{CMU_STEM}.h5")
 
@@ -88,7 +88,7 @@ def test_worker_killed_mid_slide_is_retried(cmu, cmu_local, tmp_path, capsys, mo
     assert "2 of 2 slides ok" in stdout
     for stem in ("x", "y"):
         assert outputs_complete(out, stem)
-        assert sorted(p.name for p in (out / stem).iterdir()) == four_files(stem)
+        assert sorted(p.name for p in (out / stem).iterdir()) == slide_files(stem)
         assert_same_h5(cmu_local / f"{CMU_STEM}.h5", out / stem / f"{stem}.h5")
     assert temp_files(out) == []  # the killed attempts' half-written h5s are gone
 

@@ -508,13 +508,15 @@ def test_slide_outputs_and_resume_check(scored, tmp_path):
     assert not outputs_complete(out, "synthetic")
     paths = write_all(out, slide, grid, pred, feats, mica=mica_summary([0.1] * 4, [0.9] * 4, -1.0))
     assert paths == output_paths(out, "synthetic")
-    assert files_in(out / "synthetic") == ["overview.png", "report.json", "synthetic.h5", "virtual_codex.ome.tif"]
+    assert files_in(out / "synthetic") == ["overview.png", "report.json", "synthetic.geojson.gz", "synthetic.h5",
+                                           "virtual_codex.ome.tif"]
     assert outputs_complete(out, "synthetic")
     assert outputs_complete(out, "synthetic", bundle_hash="b" * 64)
     assert not outputs_complete(out, "synthetic", bundle_hash="c" * 64)
 
     report = json.loads(paths.report.read_text())
-    assert report["outputs"] == {"h5": "synthetic.h5", "ome_tiff": "virtual_codex.ome.tif", "overview": "overview.png"}
+    assert report["outputs"] == {"h5": "synthetic.h5", "geojson": "synthetic.geojson.gz",
+                                 "ome_tiff": "virtual_codex.ome.tif", "overview": "overview.png"}
     assert report["seconds"]["write_outputs"] > 0 and report["mica"]["risk"] == -1.0
     with tifffile.TiffFile(paths.ome_tiff) as tf:
         pixels = ET.fromstring(tf.ome_metadata).find("ome:Image/ome:Pixels", OME_NS)
@@ -527,6 +529,13 @@ def test_slide_outputs_and_resume_check(scored, tmp_path):
     paths.h5.write_bytes(data[: len(data) // 2])
     assert not outputs_complete(out, "synthetic")
     paths.h5.write_bytes(data)
+    assert outputs_complete(out, "synthetic")
+    objects = paths.geojson.read_bytes()  # the QuPath objects: missing, or not what they should be
+    paths.geojson.unlink()
+    assert not outputs_complete(out, "synthetic")
+    paths.geojson.write_bytes(b"\x1f\x8b not gzip")
+    assert not outputs_complete(out, "synthetic")
+    paths.geojson.write_bytes(objects)
     assert outputs_complete(out, "synthetic")
     report["tile_count"] += 1
     paths.report.write_text(json.dumps(report))
@@ -551,7 +560,8 @@ def test_failed_rewrite_is_not_complete(scored, tmp_path, monkeypatch):
         write_all(out, slide, grid, pred, feats)
     # the old report is gone before the rewrite starts: a half-rewritten set never looks whole
     assert not outputs_complete(out, "synthetic")
-    assert files_in(out / "synthetic") == ["overview.png", "synthetic.h5", "virtual_codex.ome.tif"]
+    assert files_in(out / "synthetic") == ["overview.png", "synthetic.geojson.gz", "synthetic.h5",
+                                           "virtual_codex.ome.tif"]
 
 
 # ---------------------------------------------------------------- streaming, as the pipeline writes
@@ -583,10 +593,10 @@ def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monke
     paths = writer.finish(coords, pred, stride_grid(slide, grid, pred, coords), mica=mica,
                           seconds={"stream+hex": 3.0, "hex engine": 2.5}, skipped=skipped, tiles_per_s=n / 3.0)
     writer.abort()  # after success: a no-op
-    assert set(paths) == {"h5", "ome_tiff", "overview", "report"}
+    assert set(paths) == {"h5", "geojson", "ome_tiff", "overview", "report"}
     assert outputs_complete(tmp_path / "out", "synthetic", bundle_hash="f" * 64)
     assert files_in(tmp_path / "out" / "synthetic") == [
-        "overview.png", "report.json", "synthetic.h5", "virtual_codex.ome.tif"
+        "overview.png", "report.json", "synthetic.geojson.gz", "synthetic.h5", "virtual_codex.ome.tif"
     ]
     with h5py.File(paths["h5"], "r") as f:
         np.testing.assert_array_equal(f["coords"][:], coords)

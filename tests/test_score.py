@@ -41,7 +41,7 @@ from hexfast.outputs import outputs_complete
 from hexfast.score.mica_stream import INITIAL_LSE
 from hexfast.score.pipeline import Cancelled
 
-FOUR = ["{stem}.h5", "virtual_codex.ome.tif", "overview.png", "report.json"]
+FILES = ["{stem}.h5", "{stem}.geojson.gz", "virtual_codex.ome.tif", "overview.png", "report.json"]
 OME_NS = {"ome": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
 CMU = "slides/CMU-1-Small-Region.svs"
 CMU_STEM = "CMU-1-Small-Region"
@@ -62,8 +62,8 @@ def run(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-def four_files(stem: str) -> list[str]:
-    return sorted(name.format(stem=stem) for name in FOUR)
+def slide_files(stem: str) -> list[str]:
+    return sorted(name.format(stem=stem) for name in FILES)
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -177,9 +177,9 @@ def cmu_grid(cmu, tmp_path_factory) -> np.ndarray:
 # ---------------------------------------------------------------- score CLI on CMU
 
 
-def test_score_writes_four_files_and_says_demo(cmu_scored):
+def test_score_writes_slide_files_and_says_demo(cmu_scored):
     d, r = cmu_scored
-    assert sorted(p.name for p in d.iterdir()) == four_files(CMU_STEM)
+    assert sorted(p.name for p in d.iterdir()) == slide_files(CMU_STEM)
     assert temp_files(d.parent) == []
     # The terminal says DEMO where nobody can miss it: a banner before anything else.
     assert "DEMO MODEL" in r.stderr and "NOT predictions" in r.stderr
@@ -460,7 +460,7 @@ def test_no_tissue_scores_empty_and_warns_loudly(blank_slide, tmp_path, capsys):
     assert len(warning) == 1 and "WARNING" in warning[0] and str(blank_slide) in warning[0]
     assert re.search(r"^blank\.tiff\s+NO TISSUE\s+0\s", stdout, re.M), stdout
     d = out / "blank"
-    assert sorted(p.name for p in d.iterdir()) == four_files("blank") and outputs_complete(out, "blank")
+    assert sorted(p.name for p in d.iterdir()) == slide_files("blank") and outputs_complete(out, "blank")
     with h5py.File(d / "blank.h5") as f:
         assert f["coords"].shape == (0, 2) and f["codex_prediction"].shape == (0, 40)
         assert f["features"].shape == (0, 1024)
@@ -524,7 +524,7 @@ def test_api_writes_outputs_with_overlap_and_a_pyramid(tmp_path):
     with hexfast.Scorer(backend="ort-cpu", stride=36) as scorer:
         result = scorer.score(slide, out=tmp_path / "out")
     d = tmp_path / "out" / "wide"
-    assert result.outputs == {"h5": d / "wide.h5", "ome_tiff": d / "virtual_codex.ome.tif",
+    assert result.outputs == {"h5": d / "wide.h5", "geojson": d / "wide.geojson.gz", "ome_tiff": d / "virtual_codex.ome.tif",
                               "overview": d / "overview.png", "report": d / "report.json"}
     assert all(p.is_file() for p in result.outputs.values()) and result.features is None
     with h5py.File(d / "wide.h5") as f:

@@ -15,6 +15,7 @@ from .bench import add_bench_commands
 from .models import add_model_commands
 from .score import add_score_commands
 from .slides import add_slide_commands
+from .view import add_view_command
 from .types import positive_float
 
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_score_commands(sub, common, mpp)  # score, demo (score.py)
     add_bench_commands(sub, common, _Parser)  # bench stream | engine | e2e | roofline (bench.py)
     add_model_commands(sub, common)  # export, build-engines (models.py)
+    add_view_command(sub, common)  # view (view.py)
     return parser
 
 

@@ -50,6 +50,11 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
     run.add_argument("--mica-bag", type=Path, metavar="DIR",
                      help="feed MICA a lab's own CLAM bags: DIR/<slide>.h5 or DIR/h5_files/<slide>.h5 "
                           "(extract_features_fp.py's features + coords) instead of computing them")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--roi", type=Path, metavar="FILE.geojson",
+                       help="score only inside these annotations (QuPath's GeoJSON export: Polygon/MultiPolygon in "
+                            "level-0 px, holes respected; one slide)")
+    where.add_argument("--region", metavar="X,Y,W,H", help="score only this level-0 rectangle (one slide)")
     run.add_argument("--max-tiles", type=positive_int, default=DEFAULT_MAX_TILES, metavar="N",
                      help=f"refuse a slide of more tiles (default {DEFAULT_MAX_TILES:,}: a typo such as --stride 1 "
                           f"would mean days of compute)")
@@ -135,10 +140,11 @@ def cmd_score(args) -> int:
         summary.failed(arg, problem)
 
     todo = [p for p in slides if p not in missing]
+    args.region_obj = _region(args, todo)
     if args.resume:  # a slide scored with other weights or other settings is not "done"
         bundle_hash = load_bundle(args.model).hash
         settings = score_settings(stride=args.stride, mpp=args.mpp, stain_norm=args.stain_norm,
-                                  precision=args.precision, mica_bag=args.mica_bag)
+                                  precision=args.precision, mica_bag=args.mica_bag, region=args.region_obj)
         done = [p for p in todo if outputs_complete(out, slide_name(p), bundle_hash=bundle_hash, settings=settings)]
         for path in done:
             summary.add(Row(path.name, "done before", detail=str(out / slide_name(path))))
@@ -160,13 +166,26 @@ def _open_scorer(args, slides: int):
     """A Scorer here, or a RayScorer over the cluster --ray names: the same score_many."""
     options = dict(precision=args.precision, batch_size=args.batch_size, threads=args.threads,
                    stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp, max_tiles=args.max_tiles,
-                   allow_non_brightfield=args.allow_non_brightfield, mica_bag=args.mica_bag)
+                   allow_non_brightfield=args.allow_non_brightfield, mica_bag=args.mica_bag,
+                   region=args.region_obj)
     if args.ray is None:
         return Scorer(args.model, args.backend, device=args.device, cuda_graphs=args.cuda_graphs, **options)
     from ..score.cluster import RayScorer
 
     return RayScorer(args.ray, args.model, args.backend, workers=args.ray_workers, slides=slides,
                      log_to_driver=bool(args.debug), **options)
+
+
+def _region(args, slides: list[Path]):
+    """--roi / --region, read before any model is loaded; a region belongs to one slide."""
+    from ..slide.region import RegionError, parse_rectangle, read_roi
+
+    if args.roi is None and args.region is None:
+        return None
+    if len(slides) != 1:
+        raise RegionError(f"{'--roi' if args.roi else '--region'} describes one slide's pixels; {len(slides)} "
+                          "slides were given (score them one at a time)")
+    return read_roi(args.roi) if args.roi is not None else parse_rectangle(args.region)
 
 
 def _looks_like_slide(arg: str) -> bool:

@@ -6,6 +6,11 @@ resolution, each with its 2x-reduced copies in SubIFDs (subfiletype 1), tiled
 and deflate-compressed, OME-XML with channel names and the physical pixel
 size. Bio-Formats (QuPath) and napari (napari-tifffile / tifffile) read this
 as one pyramidal image with named channels.
+
+Where the grid lies on the slide (so an overlay lands on the H&E exactly): cell (i, j) covers level-0
+x in [j * cell, (j + 1) * cell), y in [i * cell, (i + 1) * cell), from level-0 (0, 0); the OME-XML
+says so in its Description and, machine-readably, in a MapAnnotation (hexfast:grid_origin_level0_px,
+hexfast:cell_level0_px, hexfast:level0_size_px).
 """
 
 from __future__ import annotations
@@ -48,10 +53,15 @@ def write_ome_tiff(
     pixel_um: float,
     name: str | None = None,
     min_level_px: int = MIN_LEVEL_PX,
+    cell_px: int | None = None,
+    level0_size: tuple[int, int] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> None:
     """Write grid [gh, gw, C] (the virtual CODEX, score.codex_grid) as a pyramidal OME-TIFF.
 
-    pixel_um: µm per grid cell (the grid step in level-0 px x the slide's MPP).
+    pixel_um: µm per grid cell (the grid step in level-0 px x the slide's MPP); cell_px, level0_size:
+    the cell in level-0 px and the slide's level-0 (width, height), recorded with the origin (0, 0);
+    annotations: more key/value pairs for the MapAnnotation (e.g. the scored region).
     """
     if grid.ndim != 3 or grid.shape[2] != len(channel_names):
         raise ValueError(f"grid must be [gh, gw, {len(channel_names)}], got {grid.shape}")
@@ -69,6 +79,13 @@ def write_ome_tiff(
     }
     if name:
         metadata["Name"] = name
+    if cell_px is not None:
+        metadata["Description"] = (f"hexfast virtual CODEX: cell (i, j) covers level-0 x in [j*{cell_px}, "
+                                   f"(j+1)*{cell_px}), y in [i*{cell_px}, (i+1)*{cell_px}) of the slide, from (0, 0)")
+        pairs = {"hexfast:grid_origin_level0_px": "0,0", "hexfast:cell_level0_px": str(cell_px)}
+        if level0_size is not None:
+            pairs["hexfast:level0_size_px"] = f"{level0_size[0]},{level0_size[1]}"
+        metadata["MapAnnotation"] = pairs | dict(annotations or {})
     h, w = cyx.shape[1:]
     options = dict(
         photometric="minisblack",

@@ -12,7 +12,9 @@ With a MICA bag (score.mica_bag): `mica_coords` (M,2 int64, level-0 top-left of
 CLAM's patches, with the attributes CLAM's patching writes on its `coords`:
 patch_size, patch_level, downsample, level_dim, name...) and `mica_features`
 (M,D float32, what MICA read, in that order) -- CLAM's features h5 layout
-under prefixed names, so one file holds both grids.
+under prefixed names, so one file holds both grids -- and `mica_attention`
+(M,) (or (N,) for a MICA on HEX's own tiles: attribute aligned_with), each
+tile's co-attention weight averaged over the 40 CODEX channels.
 
 Rows are appended batch by batch to a hidden file beside the target, so the
 features of a whole slide never sit in memory; close() renames it into place,
@@ -106,8 +108,10 @@ class ScoresH5:
         marker_names: Sequence[str] = MARKERS,
         features_dim: int | None = 1024,
         mica_bag: tuple[int, int, Mapping] | None = None,
+        extra_attrs: Mapping | None = None,
     ):
-        """mica_bag: (patches, feature width, attributes of mica_coords) when the slide has one."""
+        """mica_bag: (patches, feature width, attributes of mica_coords) when the slide has one;
+        extra_attrs: more file attributes (the scored region)."""
         self.path = Path(path)
         self._tmp = temp_name(self.path)
         self._grid = grid
@@ -116,7 +120,8 @@ class ScoresH5:
             "bundle_hash": bundle_hash,
             "demo": bool(demo),
             "has_features": features_dim is not None,
-        }
+        } | dict(extra_attrs or {})
+        self._attention: tuple[np.ndarray, str] | None = None
         widths = {"coords": (2, np.int64), "codex_prediction": (len(marker_names), np.float32)}
         if features_dim is not None:
             widths["features"] = (int(features_dim), np.float32)
@@ -158,6 +163,15 @@ class ScoresH5:
                            "mica_features": np.array(features, np.float32)}):
             self._flush()
 
+    def set_mica_attention(self, attention: np.ndarray, aligned_with: str) -> None:
+        """MICA's co-attention per bag tile (averaged over the markers), rows of `aligned_with`
+        ("mica_coords", or "coords" when the bag is the HEX tiles); written at close()."""
+        rows = self._mica.n if aligned_with == "mica_coords" and self._mica is not None else self._tiles.n
+        attention = np.asarray(attention, np.float32).reshape(-1)
+        if len(attention) != rows:
+            raise ValueError(f"{self.path}: {len(attention)} attention weights for {rows} rows of {aligned_with}")
+        self._attention = (attention, aligned_with)
+
     def _flush(self) -> None:
         with self._reporting():
             for rows in (self._tiles, self._mica):
@@ -193,6 +207,11 @@ class ScoresH5:
                 self._mica.trim()
                 for key, value in self._mica_attrs.items():
                     self._mica.ds["mica_coords"].attrs[key] = value
+            if self._attention is not None:
+                weights, aligned = self._attention
+                dset = self._f.create_dataset("mica_attention", data=weights, **GZIP)
+                dset.attrs["aligned_with"] = aligned
+                dset.attrs["meaning"] = "MICA co-attention weight of each tile, averaged over the 40 CODEX channels"
             self._h5.close()
             os.replace(self._tmp, self.path)
 

@@ -17,9 +17,21 @@ TISSUE_COLOUR = (0, 170, 60)
 TILE_COLOUR = (30, 80, 230)
 
 
+def magnification(slide: Slide) -> float | int:
+    """The slide's nominal magnification (its MPP bucket: 20, 40...), as TRIDENT's attributes give it."""
+    mag = slide.tile.magnification
+    return int(mag) if float(mag).is_integer() else float(mag)
+
+
 def tile_attrs(slide: Slide, grid: TileGrid) -> dict:
-    """Attributes CLAM/TRIDENT-style readers look for, plus what hexfast needs to reproduce the grid."""
+    """Attributes CLAM/TRIDENT-style readers look for, plus what hexfast needs to reproduce the grid.
+
+    TRIDENT's native coords reader (trident/wsi_objects/WSI.py) needs patch_size, level0_magnification and
+    target_magnification (tiles are read at level 0, so both are the slide's and patch_size is level-0 px).
+    The virtual CODEX grid (OME-TIFF, overview) puts tile (x, y) in cell (y // cell, x // cell) of a grid
+    whose origin is level-0 (0, 0): codex_grid_origin, codex_grid_cell_px."""
     w, h = slide.dimensions
+    mag = magnification(slide)
     return {
         "patch_size": grid.tile_size,
         "patch_size_level0": grid.tile_size,
@@ -31,6 +43,10 @@ def tile_attrs(slide: Slide, grid: TileGrid) -> dict:
         "mpp": slide.mpp,
         "mpp_source": slide.mpp_source,
         "magnification": slide.tile.magnification,
+        "level0_magnification": mag,
+        "target_magnification": mag,
+        "codex_grid_origin": (0, 0),
+        "codex_grid_cell_px": grid.stride,
         "stride": grid.stride,
         "overlap": grid.tile_size - grid.stride,
         "tissue_threshold": grid.min_tissue,

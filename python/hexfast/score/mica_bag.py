@@ -45,6 +45,21 @@ class MicaBag:
     def __len__(self) -> int:
         return len(self.coords)
 
+    def restrict(self, keep: np.ndarray) -> MicaBag:
+        """The bag's tiles where `keep` (a region), the features filtered chunk by chunk as they are read."""
+        keep = np.asarray(keep, bool)
+        chunks = self.chunks
+
+        def kept(rows: int):
+            start = 0
+            for chunk in chunks(rows):
+                yield chunk[keep[start:start + len(chunk)]]
+                start += len(chunk)
+
+        features = None if self.features is None else self.features[keep]
+        return MicaBag(self.coords[keep], kept, self.info | {"tiles": int(keep.sum()), "in_file": len(keep)},
+                       features)
+
 
 def find_bag(directory: Path, slide: Slide) -> Path:
     """The CLAM bag of `slide` in `directory` (CLAM names it after the slide file's stem)."""
@@ -72,6 +87,7 @@ def open_bag(path: Path, slide: Slide, width: int) -> MicaBag:
                 raise BagError(path, f"features are {features.shape[1]} wide; the bundle's MICA takes {width} "
                                      f"(a bag from another encoder?)")
             xy = np.asarray(coords[:], np.int64)
+            patch = int(coords.attrs.get("patch_size", 256))  # extract_features_fp.py writes no attributes
     except OSError as e:
         raise BagError(path, f"cannot be read as HDF5 ({e})") from None
     w, h = slide.dimensions
@@ -88,4 +104,4 @@ def open_bag(path: Path, slide: Slide, width: int) -> MicaBag:
                 yield np.asarray(dset[start:start + rows], np.float32)
 
     return MicaBag(xy, chunks, {"source": str(path), "sha256": sha256_file(path), "tiles": len(xy),
-                                "grid": "the bag's own coords (--mica-bag)"})
+                                "grid": "the bag's own coords (--mica-bag)", "patch_size": patch})

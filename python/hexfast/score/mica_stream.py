@@ -13,7 +13,9 @@ the tiles seen so far. `stream_mica` makes two passes over the features:
    overall (the mean over markers), which the report lists.
 
 Both passes hold one chunk of features (CHUNK_TILES x 1024 float32 = 16 MiB) and
-O(k) rankings, never an (N, ...) array.
+O(k) rankings, never an (N, 1024) or (40, N) array; the second also keeps each
+tile's weight averaged over the markers (N float32: 4 bytes a tile), which the
+h5, the QuPath objects and the viewer show.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class MicaResult:
     survival: np.ndarray  # [1, n_classes]
     risk: np.ndarray  # [1]
     ranking: AttentionRanking
+    overall: np.ndarray  # [N] float32: each tile's co-attention weight averaged over the markers
     attention: np.ndarray | None = None  # [40, N] co-attention weights, only with keep_attention (tests, parity)
 
     def summary(self, coords: np.ndarray, marker_names: Sequence[str] = MARKERS) -> dict:
@@ -96,16 +99,17 @@ def stream_mica(
     if out is None:
         raise ValueError("MICA needs at least one tile")
     ranking = AttentionRanking(channels, top_k)
-    kept = []
+    kept, overall = [], []
     for features in chunks():
         scores = run({"h_path": _f32(features), "h_codex": h_codex, "coattn_lse_in": lse,
                       "coattn_mean_in": mean})["coattn_scores"]
         weights = np.exp(np.asarray(scores, np.float64) - lse.astype(np.float64)[:, None])
         ranking.add(weights)
+        overall.append(weights.mean(axis=0).astype(np.float32))
         if keep_attention:
             kept.append(weights)
     return MicaResult(np.asarray(out["hazards"]), np.asarray(out["survival"]), np.asarray(out["risk"]), ranking,
-                      np.concatenate(kept, axis=1) if keep_attention else None)
+                      np.concatenate(overall), np.concatenate(kept, axis=1) if keep_attention else None)
 
 
 def _f32(a) -> np.ndarray:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from ..outputs import SlideWriter
 from .._core import __version__
 from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, Slide, TileGrid, TissueParams, open_slide, tile_slide
 from ..slide.clam_patches import ClamParams, ClamPatches, clam_patches
+from ..slide.region import Region
 from ..stream import TileStream
 from .codex_grid import codex_encoder_input, virtual_codex
 from .mica_bag import MicaBag, find_bag, open_bag
@@ -71,6 +72,8 @@ class SlideResult:
     #                                     the bag it read; or {"skipped": why} when the bag is empty
     mica_coords: np.ndarray | None = None  # (M, 2) level-0 top-left of MICA's bag (CLAM's patches)
     mica_features: np.ndarray | None = None  # (M, 1024) when kept in memory (no output directory)
+    mica_attention: np.ndarray | None = None  # (M,) co-attention per bag tile, averaged over the markers
+    region: dict | None = None          # the part of the slide scored (Region.describe()), None: all of it
     seconds: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
     skipped: list = field(default_factory=list)
@@ -103,6 +106,7 @@ class _Prepared:
     clam: ClamPatches | None = None  # MICA's patches, when the Scorer computes its bag
     clam_stream: TileStream | None = None
     bag: MicaBag | None = None  # a --mica-bag file, opened and checked
+    clam_outside: int = 0  # CLAM's patches left out by the region
 
     def close(self) -> None:
         for stream in (self.stream, self.clam_stream):
@@ -125,6 +129,9 @@ class Scorer:
 
     `mica_bag`: a directory of CLAM features h5 files (one per slide, named after it), fed to MICA
     instead of the bag the Scorer would compute (score.mica_bag).
+
+    `region`: score only the tiles (and MICA patches) whose centre lies in it (slide.region: a
+    rectangle or QuPath annotations); every output says so, MICA's risk is labelled partial.
     """
 
     def __init__(self, model: str | os.PathLike | Bundle | None = None, backend: str = "auto", *,
@@ -132,7 +139,7 @@ class Scorer:
                  stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
                  max_tiles: int = DEFAULT_MAX_TILES, allow_non_brightfield: bool = False,
                  engine_threads: int | None = None, device: int = 0, cuda_graphs: bool = False,
-                 mica_bag: str | os.PathLike | None = None):
+                 mica_bag: str | os.PathLike | None = None, region: Region | None = None):
         self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
         self.precision = precision
         self.batch_size = batch_size
@@ -154,6 +161,7 @@ class Scorer:
         self.codex_encoder = engine("codex_encoder", "fp32") if self.bundle.has("codex_encoder") else None
         self.mica = engine("mica", "fp32") if self.bundle.has("mica") and self.codex_encoder else None
         self.mica_bag = Path(mica_bag) if mica_bag is not None else None
+        self.region = region
         self.clam_params: ClamParams | None = None
         self.he_features = None
         if self.mica_bag is not None:
@@ -177,7 +185,8 @@ class Scorer:
     def settings(self) -> dict:
         """Every option that changes what score() writes (report.json's "settings")."""
         return score_settings(stride=self.stride, mpp=self.mpp, min_tissue=self.min_tissue,
-                              stain_norm=self.stain_norm, precision=self.precision, mica_bag=self.mica_bag)
+                              stain_norm=self.stain_norm, precision=self.precision, mica_bag=self.mica_bag,
+                              region=self.region)
 
     # ------------------------------------------------------------- control
 
@@ -252,6 +261,9 @@ class Scorer:
         try:
             prep.grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue, max_tiles=self.max_tiles,
                                    allow_non_brightfield=self.allow_non_brightfield)
+            if self.region is not None:
+                self.region.check_on(slide.path, slide.dimensions)
+                prep.grid = _restrict(prep.grid, self.region)
             tiled = time.perf_counter()
             if len(prep.grid):
                 prep.stream = TileStream(slide, prep.grid.coords, batch_size=self.batch_size, threads=self.threads,
@@ -261,6 +273,9 @@ class Scorer:
                 t = time.perf_counter()
                 if self.mica_bag is not None:
                     prep.bag = open_bag(find_bag(self.mica_bag, slide), slide, self._mica_width())
+                    if self.region is not None:  # CLAM's patches are 256 px unless the file says otherwise
+                        prep.bag = prep.bag.restrict(self.region.contains_squares(prep.bag.coords,
+                                                                                  prep.bag.info["patch_size"]))
                     prep.seconds["mica bag check"] = time.perf_counter() - t
                 else:
                     self._prepare_clam(prep)
@@ -274,6 +289,10 @@ class Scorer:
         if self.clam_params is None:  # hex-embedding: MICA reads the HEX pass's features
             return
         prep.clam = clam_patches(prep.slide, self.clam_params)
+        if self.region is not None:
+            keep = self.region.contains_squares(prep.clam.coords, prep.clam.patch_size)
+            prep.clam_outside = int((~keep).sum())
+            prep.clam = replace(prep.clam, coords=prep.clam.coords[keep])
         if len(prep.clam):  # CLAM's features see the plain pixels: no stain normalisation
             size = prep.clam.patch_size
             prep.clam_stream = TileStream(prep.slide, prep.clam.coords, read_size=size, out_size=size,
@@ -285,9 +304,10 @@ class Scorer:
     def _finish(self, prep: _Prepared, out, progress: Progress | None, cancelled: threading.Event) -> SlideResult:
         slide, grid = prep.slide, prep.grid
         writer = None
+        region = self.region.describe(slide.mpp) if self.region is not None else None
         if out is not None:
             writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings,
-                                 mica_bag=self._bag_spec(prep))
+                                 mica_bag=self._bag_spec(prep), region=region)
         try:
             tiles = run_hex(prep.stream, self.hex, writer, slide.path, len(grid), progress, cancelled)
             seconds = {**prep.seconds, **tiles.seconds}
@@ -295,25 +315,33 @@ class Scorer:
             # One cell per stride (finer with overlapping tiles): the OME-TIFF and the overview show it.
             codex_grid = virtual_codex(tiles.coords, tiles.markers, grid.stride, slide.dimensions)
             seconds["virtual codex"] = time.perf_counter() - start
-            mica = bag = None
+            mica = bag = attention = None
             if self.mica is not None and len(tiles.coords):
                 bag = self._mica_bag(prep, tiles, writer, progress, cancelled, seconds)
                 start = time.perf_counter()
                 if len(bag):
-                    mica = self._run_mica(tiles, grid.tile_size, slide.dimensions, bag) | {"bag": bag.info}
+                    mica, attention = self._run_mica(tiles, grid.tile_size, slide.dimensions, bag)
+                    mica["bag"] = bag.info
+                    if region is not None:
+                        mica["partial"] = ("MICA saw only the region's tiles and patches; it was trained on whole "
+                                           "slides, so this risk describes the region, not the patient")
                 else:
-                    mica = {"skipped": bag.info["empty"], "bag": bag.info}
-                    log.warning("%s: MICA not run: %s", slide.path, bag.info["empty"])
+                    why = bag.info.get("empty", "none of the bag's patches lies in the scored region")
+                    mica = {"skipped": why, "bag": bag.info}
+                    log.warning("%s: MICA not run: %s", slide.path, why)
                 seconds["codex encoder+mica"] = time.perf_counter() - start
             result = SlideResult(
                 path=slide.path, coords=tiles.coords, markers=tiles.markers, marker_names=list(self.bundle.markers),
                 tile_size=grid.tile_size, stride=grid.stride, mpp=slide.mpp, backend=self.backend,
                 demo=self.bundle.demo, features=tiles.features, codex_grid=codex_grid, mica=mica, seconds=seconds,
                 skipped=tiles.skipped, mica_coords=bag.coords if bag is not None else None,
-                mica_features=bag.features if bag is not None else None)
+                mica_features=bag.features if bag is not None else None, mica_attention=attention, region=region)
             if writer is not None:
                 start = time.perf_counter()
+                own_grid = bag is not None and bag.info.get("features") == "hex-embedding"
                 result.outputs = writer.finish(result.coords, result.markers, codex_grid, mica=mica,
+                                               mica_attention=attention,
+                                               bag_coords=None if own_grid or bag is None else bag.coords,
                                                seconds=result.seconds, skipped=result.skipped,
                                                tiles_per_s=result.tiles_per_s)
                 result.seconds["outputs"] = time.perf_counter() - start
@@ -349,7 +377,11 @@ class Scorer:
             info = {"features": "resnet50-trunc", "grid": "CLAM create_patches_fp.py", "tiles": len(prep.clam),
                     "contours": prep.clam.contours, "seg_level": prep.clam.seg_level,
                     "patching": self.clam_params.as_manifest()}
-            if not len(prep.clam):
+            if prep.clam_outside:
+                info["outside_region"] = prep.clam_outside
+            if not len(prep.clam) and prep.clam_outside:
+                info["empty"] = f"none of CLAM's {prep.clam_outside} patches lies in the scored region"
+            elif not len(prep.clam):
                 info["empty"] = (f"CLAM's patching found no tissue contour above its minimum area (a_t = "
                                  f"{self.clam_params.a_t:g} reference patches of {self.clam_params.ref_patch_size}"
                                  f" px at level 0)")
@@ -368,15 +400,22 @@ class Scorer:
             return MicaBag(tiles.coords, writer.feature_chunks, info)
         return MicaBag(tiles.coords, _chunks_of(tiles.features), info, tiles.features)
 
-    def _run_mica(self, tiles: HexTiles, tile_size: int, level0_size: tuple[int, int], bag: MicaBag) -> dict:
-        """CODEX encoder over the reference's grid, then MICA streamed over the bag: its summary, the
-        most-attended tiles in the bag's level-0 coords."""
+    def _run_mica(self, tiles: HexTiles, tile_size: int, level0_size: tuple[int, int], bag: MicaBag
+                  ) -> tuple[dict, np.ndarray]:
+        """CODEX encoder over the reference's grid, then MICA streamed over the bag: its summary (the
+        most-attended tiles in the bag's level-0 coords) and each bag tile's attention over the markers."""
         # The encoder sees the reference's grid: whole slide from (0, 0), one cell per tile size.
         codex = codex_encoder_input(tiles.coords, tiles.markers, tile_size, level0_size)
         codex_features = self.codex_encoder.run({"codex": np.ascontiguousarray(codex, np.float32)})["features"]
         state_width = self.bundle.model("mica")["inputs"]["coattn_mean_in"]["shape"][1]
         out = stream_mica(self.mica.run, codex_features, lambda: bag.chunks(CHUNK_TILES), state_width=state_width)
-        return out.summary(bag.coords, self.bundle.markers)
+        return out.summary(bag.coords, self.bundle.markers), out.overall
+
+
+def _restrict(grid: TileGrid, region: Region) -> TileGrid:
+    """The grid's tiles whose centre lies in the region."""
+    keep = region.contains_squares(grid.coords, grid.tile_size)
+    return replace(grid, coords=np.ascontiguousarray(grid.coords[keep]), fraction=grid.fraction[keep])
 
 
 def _chunks_of(features: np.ndarray):
@@ -440,13 +479,14 @@ def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
 
 
 def score_settings(*, stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
-                   stain_norm: str = "none", precision: str = "fp32", mica_bag: str | os.PathLike | None = None
-                   ) -> dict:
+                   stain_norm: str = "none", precision: str = "fp32", mica_bag: str | os.PathLike | None = None,
+                   region: Region | None = None) -> dict:
     """The options that change a slide's outputs, as report.json records them and --resume compares
     them (None: the default for the slide, e.g. stride = the tile size, MPP from the file). The
     tissue detection's own parameters are hexfast's defaults, so its version stands for them."""
     return {"stride": stride, "mpp": mpp, "min_tissue": min_tissue, "stain_norm": stain_norm,
             "precision": precision, "mica_bag": os.fspath(Path(mica_bag).resolve()) if mica_bag else None,
+            "region": region.describe() if region is not None else None,
             "tissue": asdict(TissueParams()) | {"hexfast": __version__}}
 
 

@@ -107,10 +107,15 @@ class ClamPatches:
         return len(self.coords)
 
     def attrs(self, slide: Slide) -> dict:
-        """The attributes CLAM's patching writes on `coords` (save_path aside)."""
+        """The attributes CLAM's patching writes on `coords` (save_path aside), and TRIDENT's (patches are
+        level-0 pixels at the slide's own magnification)."""
         w, h = slide.dimensions
+        mag = slide.tile.magnification
+        mag = int(mag) if float(mag).is_integer() else float(mag)
         return {"patch_size": self.patch_size, "patch_level": 0, "downsample": (1.0, 1.0),
                 "downsampled_level_dim": (w, h), "level_dim": (w, h), "name": slide.name,
+                "patch_size_level0": self.patch_size, "level0_magnification": mag, "target_magnification": mag,
+                "overlap": 0, "level0_width": w, "level0_height": h,
                 "seg_level": self.seg_level, "grid": "CLAM create_patches_fp.py, the bundle's patching"}
 
 

@@ -161,6 +161,13 @@ class Slide:
         except openslide.OpenSlideError as e:
             raise SlideError(self.path, f"cannot read pixels at level {level}, level-0 {location}: {e}") from e
 
+    def deepzoom(self, tile_size: int = 256, overlap: int = 0):
+        """OpenSlide's DeepZoomGenerator over the whole level 0 (limit_bounds off: deep-zoom coordinates
+        are level-0 pixels scaled by a power of two), for `hexfast view`."""
+        from openslide.deepzoom import DeepZoomGenerator
+
+        return DeepZoomGenerator(self._osr, tile_size=tile_size, overlap=overlap, limit_bounds=False)
+
     def best_level_for_downsample(self, downsample: float) -> int:
         return self._osr.get_best_level_for_downsample(downsample)
 
