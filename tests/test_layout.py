@@ -1,7 +1,7 @@
 """The house: python/hexfast is laid out as the data flows, and its imports point one way.
 
     cli → bench → score → outputs / engines / stream → slide → base (errors, markers, bundle, files, _core)
-    cli → view → outputs, slide
+    cli → view → outputs, slide;  cli → watch → score
 
 Read from the source, not by importing it, so an import inside a function counts as much as one at
 the top of a module. Checked: no import cycle anywhere in the package, and no import of a layer
@@ -32,8 +32,9 @@ ALLOWED = {
     "score": {"outputs", "engines", "stream", "slide", "base"},
     "bench": {"score", "outputs", "engines", "stream", "slide", "base"},
     "view": {"outputs", "slide", "base"},
-    "cli": {"view", "bench", "score", "outputs", "engines", "stream", "slide", "base"},
-    "top": {"cli", "view", "bench", "score", "outputs", "engines", "stream", "slide", "base"},
+    "watch": {"score", "slide", "base"},
+    "cli": {"watch", "view", "bench", "score", "outputs", "engines", "stream", "slide", "base"},
+    "top": {"cli", "watch", "view", "bench", "score", "outputs", "engines", "stream", "slide", "base"},
 }
 
 

@@ -3,7 +3,8 @@
 The package is laid out as the data flows (imports point one way, down this list):
 
     cli/      the `hexfast` command                       bench/    benchmark internals
-    score/    slides -> results: Scorer, Ray cohorts       outputs/  h5, OME-TIFF, PNG, report
+    watch/    beside a scanner: Watcher                    view/     the browser viewer
+    score/    slides -> results: Scorer, Ray cohorts       outputs/  h5, GeoJSON, OME-TIFF, PNG, report
     engines/  ONNX Runtime, TensorRT, torch programs       stream/   tiles -> batches (C++ workers)
     slide/    slide -> tile grid (C++ tissue detection)    errors, markers, bundle, files: the base
 """
@@ -22,18 +23,24 @@ __all__ = [
     "Scorer",
     "TileGrid",
     "TissueParams",
+    "Watcher",
     "detect_tissue",
     "open_slide",
     "tile_slide",
     "__version__",
 ]
 
-_LAZY = {"Scorer", "SlideResult", "Cancelled"}
+_LAZY = {"Scorer", "SlideResult", "Cancelled", "Watcher"}
 
 
 def __getattr__(name: str):
     """hexfast.Scorer and friends, imported on first use: `import hexfast` stays light
     (no engines, no onnxruntime) for the slide and tiling API."""
+    if name == "Watcher":
+        from .watch import Watcher as value
+
+        globals()[name] = value
+        return value
     if name in _LAZY:
         from .score import pipeline
 

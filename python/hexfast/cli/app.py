@@ -16,6 +16,7 @@ from .models import add_model_commands
 from .score import add_score_commands
 from .slides import add_slide_commands
 from .view import add_view_command
+from .watch import add_watch_command
 from .types import positive_float
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(sub, common, _Parser)  # bench stream | engine | e2e | roofline (bench.py)
     add_model_commands(sub, common)  # export, build-engines (models.py)
     add_view_command(sub, common)  # view (view.py)
+    add_watch_command(sub, common)  # watch (watch.py)
     return parser
 
 
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.note("interrupted")
         return console.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `hexfast ... | head`: the reader has what it wanted
+        import os
+        import sys
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except Exception as e:
         if args.debug:
             raise

@@ -20,17 +20,17 @@ from ..files import prepare_output_dir
 from ..outputs import outputs_complete
 from ..score.pipeline import Scorer, score_settings
 from ..slide import DEFAULT_MAX_TILES, dicom_files, slide_name, slide_source
-from ..slide.slide import DICOM_SUFFIX
+from ..slide.slide import DICOM_SUFFIX, SLIDE_SUFFIXES
 from ..slide.synthetic import write_demo_slide
 from ..stream import STAIN_METHODS
 from . import console
 from .console import Row, Summary
 from .types import non_negative_int, positive_int
 
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 
 
-def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.ArgumentParser) -> None:
+def engine_options() -> argparse.ArgumentParser:
+    """The options that choose the model, the engine and how tiles are read (score, demo, watch)."""
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--model", type=Path, help="model bundle directory (default: the bundled, untrained demo model)")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: fastest available)")
@@ -47,6 +47,21 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
     run.add_argument("--allow-non-brightfield", action="store_true",
                      help="score a slide whose dark background says it is not brightfield H&E (fluorescence): "
                           "HEX was trained on H&E, so its output there means nothing")
+    run.add_argument("--max-tiles", type=positive_int, default=DEFAULT_MAX_TILES, metavar="N",
+                     help=f"refuse a slide of more tiles (default {DEFAULT_MAX_TILES:,}: a typo such as --stride 1 "
+                          f"would mean days of compute)")
+    return run
+
+
+def scorer_options(args) -> dict:
+    """Scorer's keyword arguments from the engine_options() parsed into `args` (the model and backend apart)."""
+    return dict(precision=args.precision, batch_size=args.batch_size, threads=args.threads,
+                stain_norm=args.stain_norm, stride=args.stride, max_tiles=args.max_tiles,
+                allow_non_brightfield=args.allow_non_brightfield)
+
+
+def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.ArgumentParser) -> None:
+    run = engine_options()
     run.add_argument("--mica-bag", type=Path, metavar="DIR",
                      help="feed MICA a lab's own CLAM bags: DIR/<slide>.h5 or DIR/h5_files/<slide>.h5 "
                           "(extract_features_fp.py's features + coords) instead of computing them")
@@ -55,9 +70,6 @@ def add_score_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
                        help="score only inside these annotations (QuPath's GeoJSON export: Polygon/MultiPolygon in "
                             "level-0 px, holes respected; one slide)")
     where.add_argument("--region", metavar="X,Y,W,H", help="score only this level-0 rectangle (one slide)")
-    run.add_argument("--max-tiles", type=positive_int, default=DEFAULT_MAX_TILES, metavar="N",
-                     help=f"refuse a slide of more tiles (default {DEFAULT_MAX_TILES:,}: a typo such as --stride 1 "
-                          f"would mean days of compute)")
 
     score = sub.add_parser("score", parents=[common, mpp, run],
                            help="score slides: virtual CODEX (40 markers), features, MICA risk")
@@ -164,10 +176,7 @@ def cmd_score(args) -> int:
 
 def _open_scorer(args, slides: int):
     """A Scorer here, or a RayScorer over the cluster --ray names: the same score_many."""
-    options = dict(precision=args.precision, batch_size=args.batch_size, threads=args.threads,
-                   stain_norm=args.stain_norm, stride=args.stride, mpp=args.mpp, max_tiles=args.max_tiles,
-                   allow_non_brightfield=args.allow_non_brightfield, mica_bag=args.mica_bag,
-                   region=args.region_obj)
+    options = scorer_options(args) | dict(mpp=args.mpp, mica_bag=args.mica_bag, region=args.region_obj)
     if args.ray is None:
         return Scorer(args.model, args.backend, device=args.device, cuda_graphs=args.cuda_graphs, **options)
     from ..score.cluster import RayScorer

@@ -93,16 +93,18 @@ class SlideWriter:
         settings: Mapping | None = None,
         mica_bag: tuple[int, int, Mapping] | None = None,
         region: Mapping | None = None,
+        name: str | None = None,
     ):
         """settings: the options that changed these outputs (report.json's "settings"; --resume
         compares them). mica_bag: (patches, feature width, mica_coords attributes) of MICA's bag.
-        region: the scored part of the slide (slide.region.Region.describe()), said by every output."""
+        region: the scored part of the slide (slide.region.Region.describe()), said by every output.
+        name: the output folder's and files' name (default the slide's: OUT/<stem>/)."""
         self.slide, self.grid, self.bundle, self.backend = slide, grid, bundle, backend
         self.settings = dict(settings or {})
         self.region = dict(region) if region else None
         self.overview_markers = overview_markers
         self.started_at = dt.datetime.now(dt.timezone.utc)
-        self.paths = output_paths(out_dir, slide.name)
+        self.paths = output_paths(out_dir, name or slide.name)
         self._done = False
         created = not self.paths.dir.exists()
         prepare_output_dir(self.paths.dir)

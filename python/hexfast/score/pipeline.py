@@ -18,6 +18,7 @@ read while the current one is still in the engine.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import logging
@@ -219,28 +220,47 @@ class Scorer:
         """Scores slides in turn, preparing the next (open, tile, first batches)
         while the current one runs. Yields (path, result or the exception it
         raised): a failed slide does not stop the others; Cancelled stops them all."""
+        todo = collections.deque((Path(p), None) for p in paths)
         with self._calls.running() as cancelled:
-            yield from self._score_many([Path(p) for p in paths], out, progress, cancelled)
+            _check(cancelled, todo[0][0] if todo else Path("."))
+            yield from self._score_queue(lambda wait: todo.popleft() if todo else None, out, progress, cancelled)
 
-    def _score_many(self, paths: list[Path], out, progress, cancelled: threading.Event):
-        _check(cancelled, paths[0] if paths else Path("."))
+    def score_queue(self, take: Callable[[bool], tuple[Path, str | None] | None], out: str | os.PathLike | None = None,
+                    progress: Callable[[Path], Progress | None] | None = None
+                    ) -> Iterator[tuple[Path, SlideResult | BaseException]]:
+        """score_many for slides that arrive over time (hexfast watch): `take(wait)` hands out the next
+        (path, output name or None for the slide's own): take(True) waits for one (None: stop),
+        take(False) returns one only if it is ready now, to be prepared while the current slide runs."""
+        with self._calls.running() as cancelled:
+            yield from self._score_queue(take, out, progress, cancelled)
+
+    def _score_queue(self, take, out, progress, cancelled: threading.Event):
         pool = ThreadPoolExecutor(1, thread_name_prefix="hexfast-prepare")
-        ahead: Future | None = pool.submit(self._prepare, paths[0]) if paths else None
+        ahead: tuple[tuple[Path, str | None], Future] | None = None
         try:
-            for i, path in enumerate(paths):
-                current, ahead = ahead, None
+            while True:
+                if ahead is None:
+                    job = take(True)
+                    if job is None:
+                        return
+                    _check(cancelled, job[0])
+                    ahead = (job, pool.submit(self._prepare, job[0]))
+                (path, name), current = ahead
+                ahead = None
                 try:
                     prepared = current.result()
                 except Exception as e:  # noqa: BLE001 - reported per slide
                     prepared = e
-                if i + 1 < len(paths) and not cancelled.is_set():
-                    ahead = pool.submit(self._prepare, paths[i + 1])
+                if not cancelled.is_set():
+                    following = take(False)
+                    if following is not None:
+                        ahead = (following, pool.submit(self._prepare, following[0]))
                 if isinstance(prepared, Exception):
                     yield path, prepared
                     continue
                 try:
                     result: SlideResult | Exception = self._finish(prepared, out, progress(path) if progress else None,
-                                                                   cancelled)
+                                                                   cancelled, name)
                 except Cancelled:
                     raise
                 except Exception as e:  # noqa: BLE001 - reported per slide
@@ -248,7 +268,7 @@ class Scorer:
                 yield path, result
         finally:  # cancelled, failed or abandoned: close the slide prepared ahead
             if ahead is not None:
-                ahead.add_done_callback(_discard)
+                ahead[1].add_done_callback(_discard)
             # Wait for the prepare thread (at most one open + tiling) so nothing outlives the call.
             pool.shutdown(wait=True)
 
@@ -301,13 +321,14 @@ class Scorer:
     def _mica_width(self) -> int:
         return int(self.bundle.model("mica")["inputs"]["h_path"]["shape"][1])
 
-    def _finish(self, prep: _Prepared, out, progress: Progress | None, cancelled: threading.Event) -> SlideResult:
+    def _finish(self, prep: _Prepared, out, progress: Progress | None, cancelled: threading.Event,
+                name: str | None = None) -> SlideResult:
         slide, grid = prep.slide, prep.grid
         writer = None
         region = self.region.describe(slide.mpp) if self.region is not None else None
         if out is not None:
             writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings,
-                                 mica_bag=self._bag_spec(prep), region=region)
+                                 mica_bag=self._bag_spec(prep), region=region, name=name)
         try:
             tiles = run_hex(prep.stream, self.hex, writer, slide.path, len(grid), progress, cancelled)
             seconds = {**prep.seconds, **tiles.seconds}

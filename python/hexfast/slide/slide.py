@@ -84,6 +84,8 @@ def _mpp_from_properties(props) -> tuple[float, str] | None:
 
 
 DICOM_SUFFIX = ".dcm"
+# What OpenSlide reads, by suffix (a DICOM series is its folder; MIRAX is the .mrxs beside its data folder).
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 
 
 def dicom_files(folder: Path) -> list[Path]:
