@@ -4,6 +4,7 @@ and never lets two slides of one name overwrite each other. Bounded in time: sma
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -122,6 +123,16 @@ def test_what_counts_as_a_finished_slide(tmp_path):
     before = found["a.svs"].signature
     (inbox / "a.svs").write_bytes(b"x" * 11)
     assert {c.path.name: c for c in scan(inbox)}["a.svs"].signature != before
+    # robocopy dates the file it is writing 1980-01-01 (local time) until the copy ends
+    for stamp in ("1980-01-01T00:00:00-12:00", "1980-01-01T00:00:00+14:00", "1980-01-01T23:59:59+00:00"):
+        t = dt.datetime.fromisoformat(stamp).timestamp()
+        os.utime(inbox / "a.svs", (t, t))
+        a = {c.path.name: c for c in scan(inbox)}["a.svs"]
+        assert not a.complete and "robocopy" in a.why, stamp
+    for stamp in ("1980-01-03T00:00:00+00:00", "2026-12-01T10:00:00+00:00"):  # robocopy done: the source's time
+        t = dt.datetime.fromisoformat(stamp).timestamp()
+        os.utime(inbox / "a.svs", (t, t))
+        assert {c.path.name: c for c in scan(inbox)}["a.svs"].complete, stamp
 
 
 def test_a_slide_written_slowly_is_taken_only_when_finished(dirs, tmp_path):

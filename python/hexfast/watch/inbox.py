@@ -13,8 +13,11 @@ while a file is incomplete:
 Copy tools that write in place under the final name (robocopy, Explorer, cp, and scanners that write
 the image where it will stay — Aperio, Hamamatsu and Philips documentation does not promise
 otherwise) are what the settle time is for: a file still growing, or rewritten in place, changes its
-size or mtime. robocopy sets the source's mtime when it finishes, which is one more change, then
-stillness.
+size or mtime. robocopy is the exception: it stamps the file it is writing 1980-01-01 and sets the
+source's time only when the copy ends (Samba and TrueNAS special-case the pair: truenas/ports#718).
+Writes through that handle leave the 1980 stamp alone, so a copy stalled on a network retry (30 s by
+default) keeps size and mtime. A file dated 1980-01-01 is therefore still being copied, whatever the
+settle time; a robocopy /Z copy that failed for good keeps that date and is never taken.
 
 Multi-file slides are taken whole: MIRAX (`NAME.mrxs` beside a `NAME/` folder whose `Slidedat.ini`
 lists its data files: all of them present, all settled) and a DICOM WSI series (a folder of `.dcm`
@@ -32,6 +35,8 @@ from ..slide import dicom_files
 from ..slide.slide import SLIDE_SUFFIXES
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".filepart", ".crdownload", ".download", ".!sync", ".copying",
                  ".inprogress", "~")
+# 1980-01-01 in any time zone (robocopy sets it in local time), in ns since the epoch
+ROBOCOPY_IN_PROGRESS_NS = (315532800 - 14 * 3600) * 10**9, (315532800 + 24 * 3600 + 12 * 3600) * 10**9
 MAX_DEPTH = 4  # scanners write into dated or per-job subfolders; deeper than this is not an inbox
 
 
@@ -93,6 +98,8 @@ def _files_candidate(path: Path, files: list[Path], complete: bool = True, why: 
         except OSError:  # went away between listing and stat: not settled
             return Candidate(path, ("gone", str(f)), 0, 0, False, f"{f.name} disappeared")
         parts.append((f.name, st.st_size, st.st_mtime_ns))
+        if ROBOCOPY_IN_PROGRESS_NS[0] <= st.st_mtime_ns < ROBOCOPY_IN_PROGRESS_NS[1] and not why:
+            complete, why = False, f"{f.name} is dated 1980-01-01: robocopy is still copying it"
         size += st.st_size
         newest = max(newest, st.st_mtime_ns)
     return Candidate(path, tuple(parts), size, newest, complete and bool(files), why or ("" if files else "empty"))
