@@ -34,20 +34,18 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: i
 
 
 def shared_file(relpath: str) -> Path:
-    path = SHARED / relpath
-    if not path.exists():
-        message = f"test data {path} is missing (expected ../shared/data beside the checkout)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+    return _shared(SHARED / relpath, "test data", "../shared/data")
 
 
 def shared_reference(relpath: str) -> Path:
-    """Unmodified official code in ../shared/reference (HEX/, CLAM/): skip without it, fail under CI."""
-    path = SHARED.parent / "reference" / relpath
+    """Unmodified official code in ../shared/reference (HEX/, CLAM/)."""
+    return _shared(SHARED.parent / "reference" / relpath, "reference code", "../shared/reference")
+
+
+def _shared(path: Path, what: str, where: str) -> Path:
+    """`path`, or a skip saying what is missing; under CI a failure."""
     if not path.exists():
-        message = f"reference code {path} is missing (expected ../shared/reference beside the checkout)"
+        message = f"{what} {path} is missing (expected {where} beside the checkout)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -57,6 +55,17 @@ def shared_reference(relpath: str) -> Path:
 @pytest.fixture
 def cmu_small() -> Path:
     return shared_file("slides/CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def cmu_scored(tmp_path_factory) -> tuple[Path, Path]:
+    """CMU-1-Small-Region scored once with the demo bundle's defaults: (output folder, slide).
+    Shared by the test modules that read outputs; copy it before changing anything in it."""
+    slide = shared_file("slides/CMU-1-Small-Region.svs")
+    out = tmp_path_factory.mktemp("cmu-scored")
+    r = hexfast("score", slide, "-o", out)
+    assert r.returncode == 0, r.stderr
+    return out / slide.stem, slide
 
 
 @pytest.fixture

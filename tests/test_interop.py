@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import hexfast, one_line_error, shared_file
+from conftest import hexfast, one_line_error
 from hexfast.slide.region import RegionError, parse_rectangle, read_roi
 
 shapely = pytest.importorskip("shapely", reason="polygon validity is checked with shapely (the [test] extra)")
@@ -54,17 +54,8 @@ def qupath_objects(path):
     return doc, out
 
 
-@pytest.fixture(scope="module")
-def cmu_out(tmp_path_factory):
-    slide = shared_file("slides/CMU-1-Small-Region.svs")
-    out = tmp_path_factory.mktemp("interop")
-    r = hexfast("score", slide, "-o", out)
-    assert r.returncode == 0, r.stderr
-    return out / slide.stem, slide
-
-
-def test_geojson_is_what_qupath_imports_as_measured_tiles(cmu_out):
-    out, _ = cmu_out
+def test_geojson_is_what_qupath_imports_as_measured_tiles(cmu_scored):
+    out, _ = cmu_scored
     doc, objects = qupath_objects(out / f"{out.name}.geojson.gz")
     with h5py.File(out / f"{out.name}.h5") as f:
         coords, markers, fraction = f["coords"][:], f["codex_prediction"][:], f["tissue_fraction"][:]
@@ -125,10 +116,10 @@ def test_region_reading_and_the_containment_rule(tmp_path):
             parse_rectangle(text)
 
 
-def test_scoring_a_region(tmp_path, cmu_out):
+def test_scoring_a_region(tmp_path, cmu_scored):
     """--roi: only the tiles (and MICA patches) whose centre is in the annotation, holes left out; every output
     says which region; MICA's risk is labelled partial. --region likewise; bad regions are one line."""
-    full, slide = cmu_out
+    full, slide = cmu_scored
     with h5py.File(full / f"{full.name}.h5") as f:
         all_coords, all_markers = f["coords"][:], f["codex_prediction"][:]
         all_bag = f["mica_coords"][:]
@@ -169,12 +160,12 @@ def test_scoring_a_region(tmp_path, cmu_out):
     assert r.returncode != 0 and "lies outside slide" in r.stderr
 
 
-def test_trident_reads_the_coords_natively(cmu_out):
+def test_trident_reads_the_coords_natively(cmu_scored):
     """TRIDENT's native coords reader (trident/wsi_objects/WSI.py, mahmoodlab/TRIDENT) needs patch_size,
     level0_magnification and target_magnification on `coords`, else falls back to CLAM's reader with a
     warning; its writer (trident/IO.py coords_to_h5) also sets patch_size_level0, overlap, name, level0_width/
     height, with patch_size_level0 = patch_size * level0_magnification // target_magnification."""
-    out, _ = cmu_out
+    out, _ = cmu_scored
     trident_keys = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap",
                     "name", "level0_width", "level0_height")
     with h5py.File(out / f"{out.name}.h5") as f:
@@ -186,10 +177,10 @@ def test_trident_reads_the_coords_natively(cmu_out):
             assert (attrs["level0_width"], attrs["level0_height"]) == (2220, 2967)
 
 
-def test_a_tile_maps_to_its_virtual_codex_cell_and_back(cmu_out):
+def test_a_tile_maps_to_its_virtual_codex_cell_and_back(cmu_scored):
     """The grid's placement as the OME-TIFF and the h5 record it: tile (x, y) is in cell (y // cell, x // cell)
     and that cell holds the tile's values; the cell's level-0 square holds the tile's top-left corner."""
-    out, _ = cmu_out
+    out, _ = cmu_scored
     with h5py.File(out / f"{out.name}.h5") as f:
         coords, markers = f["coords"][:], f["codex_prediction"][:]
         origin, cell = tuple(f["coords"].attrs["codex_grid_origin"]), int(f["coords"].attrs["codex_grid_cell_px"])

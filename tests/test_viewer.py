@@ -14,26 +14,14 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import hexfast
 from hexfast.view import ViewerData, ViewerServer, ViewError
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
-@pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    from conftest import shared_file
-
-    slide = shared_file("slides/CMU-1-Small-Region.svs")
-    out = tmp_path_factory.mktemp("view")
-    r = hexfast("score", slide, "-o", out)
-    assert r.returncode == 0, r.stderr
-    return out / slide.stem, slide
-
-
 @pytest.fixture
-def server(scored):
-    out, slide = scored
+def server(cmu_scored):
+    out, slide = cmu_scored
     srv = ViewerServer(ViewerData(out), "127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -48,8 +36,8 @@ def get(srv, path):
         return r.status, r.headers["Content-Type"], r.read()
 
 
-def test_routes(server, scored):
-    out, _ = scored
+def test_routes(server, cmu_scored):
+    out, _ = cmu_scored
     status, kind, body = get(server, "/")
     assert status == 200 and kind.startswith("text/html") and b"viewer.js" in body
     info = json.loads(get(server, "/api/info")[2])
@@ -79,8 +67,8 @@ def test_routes(server, scored):
     assert e.value.code == 400
 
 
-def test_tile_under_a_point_is_the_h5s(scored):
-    out, _ = scored
+def test_tile_under_a_point_is_the_h5s(cmu_scored):
+    out, _ = cmu_scored
     data = ViewerData(out)
     try:
         with h5py.File(out / f"{out.name}.h5") as f:
@@ -95,10 +83,10 @@ def test_tile_under_a_point_is_the_h5s(scored):
         data.close()
 
 
-def test_view_refuses_what_it_cannot_show(tmp_path, scored):
+def test_view_refuses_what_it_cannot_show(tmp_path, cmu_scored):
     with pytest.raises(ViewError, match="no report.json"):
         ViewerData(tmp_path)
-    out, _ = scored
+    out, _ = cmu_scored
     copy = tmp_path / out.name
     shutil.copytree(out, copy)
     report = json.loads((copy / "report.json").read_text())
@@ -111,7 +99,7 @@ def test_view_refuses_what_it_cannot_show(tmp_path, scored):
 @pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them: apt-get install "
                            "chromium chromium-driver)")
-def test_in_a_headless_browser(server, scored, tmp_path):
+def test_in_a_headless_browser(server, cmu_scored, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium drives the browser (the [test] extra)")
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
@@ -139,7 +127,7 @@ def test_in_a_headless_browser(server, scored, tmp_path):
         assert logs == [], logs
         assert "DEMO MODEL" in driver.find_element("id", "banner").text
 
-        out, _ = scored
+        out, _ = cmu_scored
         with h5py.File(out / f"{out.name}.h5") as f:
             coords, markers = f["coords"][:], f["codex_prediction"][:]
         info = driver.execute_script("return window.hexfast.info")
@@ -193,11 +181,11 @@ def test_in_a_headless_browser(server, scored, tmp_path):
         driver.quit()
 
 
-def test_view_command_starts_and_prints_its_url(scored):
+def test_view_command_starts_and_prints_its_url(cmu_scored):
     import subprocess
     import sys
 
-    out, _ = scored
+    out, _ = cmu_scored
     proc = subprocess.Popen([sys.executable, "-m", "hexfast", "view", str(out), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
