@@ -9,31 +9,29 @@ import math
 from ..engines import BACKENDS
 
 
-def positive_int(text: str) -> int:
+def _parse(text: str, cast, kind: str):
     try:
-        value = int(text)
+        return cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not {kind}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _parse(text, int, "a whole number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"'{text}' must be positive")
     return value
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    value = _parse(text, int, "a whole number")
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' must not be negative")
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    value = _parse(text, float, "a number")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"'{text}' must be a positive number")
     return value
@@ -51,10 +49,7 @@ def positive_int_list(text: str) -> list[int]:
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    value = _parse(text, float, "a number")
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"'{text}' must be within [0, 1]")
     return value
