@@ -49,6 +49,7 @@ from .mica_stream import CHUNK_TILES, stream_mica
 from .tile_pass import Cancelled, HexTiles, run_he_features, run_hex
 
 log = logging.getLogger("hexfast.pipeline")
+PER_TILE_MODELS = ("hex", "he_features")  # one row per tile, each independent of the others
 
 # progress(stage, done, total): stage is "tiles" while the slide streams.
 Progress = Callable[[str, int, int], None]
@@ -452,14 +453,16 @@ def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str
     lists for `precision`), or a TensorRT plan build-engines made on this machine for this bundle,
     checked against the sha256 recorded then. TensorRT and ONNX Runtime build fp16/bf16 from the
     fp32 graph; torch runs the program exported at that precision. The engine's outputs must be
-    the ones the manifest promises (else a one-line BundleError)."""
+    the ones the manifest promises (else a one-line BundleError). CUDA graphs are used for the
+    per-tile models only: they pad a short batch, which a slide-level model's rows would feel."""
     program = bundle.program_file(name, precision)
     if backend == "torch" and program is None and bundle.program_file(name) is not None:
         raise BackendUnavailable("torch", f"needs a {precision} torch.export program of the {name} model, and the "
                                           f"bundle has none (export it with --{precision}), or use --precision fp32")
     engine = create_engine(bundle.model_file(name), backend, precision=precision, plan_dir=_plan_dir(bundle, backend),
                            threads=threads, device_id=device, program=program,
-                           output_names=list(bundle.model(name).get("outputs", {})) or None, cuda_graphs=cuda_graphs)
+                           output_names=list(bundle.model(name).get("outputs", {})) or None,
+                           cuda_graphs=cuda_graphs and name in PER_TILE_MODELS)
     try:
         _check_outputs(bundle, name, engine)
     except BaseException:
