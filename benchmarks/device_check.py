@@ -1,35 +1,40 @@
-"""The GPU measurements issue 15 asks for, in one run, on the H200 this project borrows (or, with
---cpu, the same steps, tiny, on a CPU: the dry run CI does so this cannot rot).
+"""The GPU figures of benchmarks/RESULTS.md in one run on the borrowed H100 / H200, or with --cpu the same
+steps, tiny, on a CPU (the dry run CI does, so this cannot rot). benchmarks/device_check.sh installs what
+it needs (no venv) and runs this under a time limit; its header has the device call.
 
-    python benchmarks/device_check.py OUT [--cpu]          (benchmarks/device_check.sh sets it up)
+    python benchmarks/device_check.py OUT --work DIR [--cpu]
 
-Steps, each timed, each writing its part of OUT/device_check.json as it ends (a failed step is
-recorded with its error and the rest go on):
+Steps, in order of value, each timed and each writing its part of OUT/device_check.json as it ends (a failed
+step is recorded with its error and the rest go on; a failed preflight stops the run). Heavy files (the
+bundle, the slide) go under --work; OUT gets only JSON (and the shell script's log).
 
-  env        torch, CUDA, the GPU, hexfast, whether the direct JPEG reader was built
-  export     the full-size demo bundle (MUSK-L/16 @ 384, DINOv2, MICA; random weights) with
-             torch.export programs fp32 / fp16 / bf16 (tiny with --cpu)
-  peak       dense matmul TFLOP/s measured now: bf16, fp16, tf32 (fp32 numpy/torch with --cpu)
-  engine     the torch backend alone, HEX at bf16 and fp16 over batch sizes, fp32 (TF32) once, CUDA
-             graphs on and off: tiles/s, latency, GPU memory, TFLOP/s achieved vs the bf16 peak
-  parity     bf16 and fp16 programs against the fp32 program on the real H&E tiles of shared/data
-  slide      a generated 40x slide with 10-20k tissue tiles (benchmarks/make_slide.py)
-  e2e        Scorer.score on it with the torch backend, bf16, 16 stream threads: pipeline efficiency,
-             where the time goes, projected 50k-tile slide time
-  score      `hexfast score --backend torch` on it (the command users run, HEX + MICA)
-  reference  HEX's research path (torch eager, fp16 autocast, a DataLoader of PIL tiles) against
-             hexfast on the same 4,096 tiles (benchmarks/reference_hex.py), and the ratio
+  preflight     cv2, openslide and hexfast._core import (hexfast from the installed wheel when
+                HEXFAST_DEVICE_SITE is set); CUDA visible; one tile through a bf16 HEX program on the GPU
+  export        the full-size demo bundle (MUSK-L/16 @ 384, DINOv2, MICA on CLAM's ResNet50 features;
+                random weights): ONNX fp32 and torch.export programs fp32 + HEX bf16 (tiny with --cpu)
+  engine        the torch backend alone, HEX bf16, batch 64 (random 224-px tiles: a 40x tile as read)
+  engine_sweep  bf16 at batch 32 and 128, bf16 with CUDA graphs at 64, fp32 with TF32 matmuls at 64
+  peak          dense bf16 / TF32 matmul TFLOP/s measured now (the engine's share of the bf16 peak)
+  slide         a generated 40x slide (benchmarks/make_slide.py), made in the background since `engine`
+  e2e           `hexfast bench e2e` on it: Scorer (HEX + MICA, every output), torch bf16, 16 stream
+                threads: pipeline efficiency, where the time goes, the projected 50k-tile slide
+  parity        the bf16 program against the fp32 one on the GPU, true fp32 (TF32 off), and the fp32
+                program on the GPU against the CPU, on real H&E tiles
+  reference     HEX's research path (torch eager, fp16 autocast, DataLoader of PIL tiles) against hexfast
+                on the same 1,024 tiles (benchmarks/reference_hex.py)
 
-The real H&E tiles come from shared/data: ../shared beside the checkout, or shared/ inside it (as
-the device tool carries it), or $HEXFAST_SHARED.
+"summary" holds the figures RESULTS.md's GPU table takes. On SIGTERM (the script's time limit) the
+step in progress is recorded as stopped, the JSON saved, and the exit code is 124.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -41,13 +46,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 GFLOP_PER_TILE = 369.63  # full HEX, MUSK-L/16 @ 384 (hexfast bench roofline)
 TARGET_TILES = 50_000
+SLIDE_PX = {"gpu": (48_000, 40_000), "cpu": (6_000, 4_000)}  # ~13k and ~200 tissue tiles at 40x
 
 
-def find_shared() -> Path | None:
-    for candidate in (os.environ.get("HEXFAST_SHARED"), ROOT.parent / "shared", ROOT / "shared"):
-        if candidate and (Path(candidate) / "data").is_dir():
-            return Path(candidate) / "data"
-    return None
+class TimeLimit(BaseException):
+    """SIGTERM: the time limit of device_check.sh."""
 
 
 class Run:
@@ -56,25 +59,55 @@ class Run:
     def __init__(self, out: Path, cpu: bool):
         self.out, self.cpu = out, cpu
         self.results: dict = {"mode": "cpu dry run" if cpu else "gpu", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "steps": {}}
+                              "steps": {}, "summary": {}}
+        self._t0 = time.perf_counter()
 
     def step(self, name: str, fn, *args, **kwargs):
-        print(f"### {name}", flush=True)
+        print(f"### {name} (at {time.perf_counter() - self._t0:.0f} s)", flush=True)
         start = time.perf_counter()
+        entry: dict = {"ok": False}
+        self.results["steps"][name] = entry
         try:
             value = fn(*args, **kwargs)
-            entry = {"ok": True, **(value or {})}
+            entry.update(ok=True, **(value or {}))
+        except TimeLimit:
+            entry.update(error="stopped by the time limit")
+            raise
         except Exception as e:  # noqa: BLE001 - a failed step is recorded; the others still run
             traceback.print_exc()
-            entry, value = {"ok": False, "error": f"{type(e).__name__}: {e}"}, None
-        entry["seconds"] = round(time.perf_counter() - start, 2)
-        self.results["steps"][name] = entry
-        print(f"### {name}: {'ok' if entry['ok'] else 'FAILED'} after {entry['seconds']} s", flush=True)
-        self.save()
+            entry["error"], value = f"{type(e).__name__}: {e}", None
+        finally:
+            entry["seconds"] = round(time.perf_counter() - start, 2)
+            print(f"### {name}: {'ok' if entry['ok'] else 'FAILED'} after {entry['seconds']} s", flush=True)
+            self.save()
         return value
 
     def save(self) -> None:
-        (self.out / "device_check.json").write_text(json.dumps(self.results, indent=1, default=str))
+        self.results["summary"] = summary(self.results["steps"])
+        path = self.out / "device_check.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        os.replace(tmp, path)
+
+
+def summary(steps: dict) -> dict:
+    """The figures of RESULTS.md's GPU table, from whichever steps have run."""
+    s: dict = {}
+    engine, sweep, peak = steps.get("engine") or {}, steps.get("engine_sweep") or {}, steps.get("peak") or {}
+    rows = [r for r in (engine.get("rows") or []) + (sweep.get("rows") or []) if r["precision"] == "bf16"]
+    if rows:
+        best = max(rows, key=lambda r: r["tiles_per_s"])
+        s.update(bf16_tiles_per_s=best["tiles_per_s"], bf16_batch=best["batch"], bf16_cuda_graphs=best["cuda_graphs"],
+                 bf16_tflops=best["tflops"])  # None on the CPU dry run (tiny model)
+        if best["tflops"] and peak.get("bf16_tflops"):
+            s["share_of_bf16_peak"] = s["bf16_tflops"] / peak["bf16_tflops"]
+    e2e = steps.get("e2e") or {}
+    for key in ("pipeline_efficiency", "e2e_tiles_per_s", "projected_50k_seconds"):
+        if e2e.get(key) is not None:
+            s[key] = e2e[key]
+    if (steps.get("reference") or {}).get("speedup") is not None:
+        s["speedup_vs_reference"] = steps["reference"]["speedup"]
+    return s
 
 
 def sh(*command, timeout=None) -> str:
@@ -89,37 +122,105 @@ def sh(*command, timeout=None) -> str:
     return proc.stdout
 
 
+def find_shared() -> Path | None:
+    """Test data: $HEXFAST_SHARED (the payload's copy, on the device), else ../shared beside the checkout."""
+    for candidate in (os.environ.get("HEXFAST_SHARED"), ROOT.parent / "shared"):
+        if candidate and (Path(candidate) / "data").is_dir():
+            return Path(candidate) / "data"
+    return None
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matmuls and convolutions on or off inside the block, as they were after it."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 # ----------------------------------------------------------------------------- steps
 
 
-def env(cpu: bool) -> dict:
+def preflight(work: Path, cpu: bool) -> dict:
+    """What every later step needs, checked in seconds: a failure here stops the run."""
+    import cv2
+    import openslide
     import torch
 
-    from hexfast import __version__, _core
+    import hexfast
+    from hexfast import _core
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "hexfast": __version__,
-            "direct_jpeg_reader": bool(_core.HAVE_JPEG), "cpus": os.cpu_count(),
-            "cuda": torch.version.cuda, "gpu": None}
-    if torch.cuda.is_available() and not cpu:
+    info = {"python": f"{sys.executable} {platform.python_version()}", "hexfast": hexfast.__version__,
+            "hexfast_from": str(Path(hexfast.__file__).parent), "direct_jpeg_reader": bool(_core.HAVE_JPEG),
+            "opencv": cv2.__version__, "openslide": openslide.__library_version__, "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cpus": os.cpu_count(), "cpu": _cpu_name()}
+    site = os.environ.get("HEXFAST_DEVICE_SITE")
+    if site and Path(site).resolve() not in Path(hexfast.__file__).resolve().parents:
+        raise RuntimeError(f"hexfast was imported from {hexfast.__file__}, not from the wheels installed in {site}")
+    if not cpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"torch {torch.__version__} sees no CUDA device (run with --cpu for the dry run)")
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    capability=f"{props.major}.{props.minor}")
-        info["flash_sdp"] = torch.backends.cuda.flash_sdp_enabled()
-        info["mem_efficient_sdp"] = torch.backends.cuda.mem_efficient_sdp_enabled()
-    elif not cpu:
-        raise RuntimeError("no CUDA device visible to torch (run with --cpu for the dry run)")
+                    capability=f"{props.major}.{props.minor}", driver=_nvidia_smi("driver_version"))
+    from hexfast_export.demo import demo_models
+    from hexfast_export.torch_export import export_hex_program
+
+    from hexfast.engines.torch_backend import TorchEngine
+
+    program = export_hex_program(demo_models("tiny")[0], work / "preflight-hex.bf16.pt2", "bf16")
+    tile = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    with TorchEngine(program, precision="bf16", output_names=["markers", "embedding"]) as engine:
+        out = engine.run({"tiles": tile})
+        info["forward"] = engine.describe()
+    if out["markers"].shape != (1, 40) or not all(np.isfinite(v).all() for v in out.values()):
+        raise RuntimeError(f"one bf16 HEX tile gave {({k: v.shape for k, v in out.items()})} with non-finite values")
+    if not cpu and "cuda" not in info["forward"]:
+        raise RuntimeError(f"the bf16 HEX forward did not run on the GPU: {info['forward']}")
     return info
 
 
-def export(out: Path, cpu: bool) -> dict:
-    bundle = out / "bundle"
+def export(work: Path, cpu: bool) -> dict:
+    bundle = work / "bundle"
     sh(sys.executable, "-m", "hexfast", "export", "--demo", "--size", "tiny" if cpu else "full",
-       "--mica-features", "resnet50-trunc", "--fp16", "--bf16", "-o", bundle)
+       "--mica-features", "resnet50-trunc", "--bf16", "-o", bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     hex_entry = manifest["models"]["hex"]
     return {"bundle": str(bundle), "programs": hex_entry.get("programs"),
             "parity_program": hex_entry.get("parity_program"),
             "bytes": sum(p.stat().st_size for p in bundle.iterdir())}
+
+
+def engine_rows(bundle: Path, cpu: bool, plan: list[tuple[str, bool, list[int]]]) -> dict:
+    """The torch backend alone on random 224-px tiles, for each (precision, CUDA graphs, batch sizes)."""
+    import torch
+
+    from hexfast.bench.measure import measure
+    from hexfast.bench.model import random_tiles
+    from hexfast.bundle import load_bundle
+    from hexfast.score import open_engine
+
+    b = load_bundle(bundle)
+    rows = []
+    for precision, graphs, sizes in plan:
+        graphs = graphs and not cpu
+        # "fp32" on the GPU runs TF32 matmuls here, as TensorRT's and ONNX Runtime's CUDA fp32 do by default
+        with tf32(precision == "fp32"), open_engine(b, "hex", "torch", precision, cuda_graphs=graphs) as e:
+            if not cpu:
+                torch.cuda.reset_peak_memory_stats()
+            for m in measure(e, lambda n: random_tiles(n, 224), sizes, seconds=0.5 if cpu else 4.0, warmup=2):
+                rate = m["tiles_per_s"]
+                rows.append({**m, "precision": precision + (" (TF32 matmuls)" if precision == "fp32" and not cpu
+                                                            else ""), "cuda_graphs": graphs, "describe": e.describe(),
+                             "tflops": rate * GFLOP_PER_TILE / 1e3 if not cpu else None,
+                             "gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if not cpu else None})
+                print(f"  {precision:<5} graphs={graphs!s:<5} batch {m['batch']:<4} {rate:9.1f} tiles/s", flush=True)
+    return {"rows": rows}
 
 
 def peak(cpu: bool) -> dict:
@@ -131,82 +232,33 @@ def peak(cpu: bool) -> dict:
             "fp32_tflops": result.peak("fp32")}
 
 
-def engine(bundle: Path, cpu: bool, peak_tflops: float | None) -> dict:
-    """The torch backend alone on random 224-px tiles (a 40x tile as read)."""
-    import torch
-
-    from hexfast.bench.measure import measure
-    from hexfast.bench.model import random_tiles
-    from hexfast.bundle import load_bundle
-    from hexfast.score import open_engine
-
-    b = load_bundle(bundle)
-    seconds = 0.5 if cpu else 4.0
-    batches = [1, 2] if cpu else [16, 32, 64, 128]
-    plan = [(p, False, batches) for p in ("bf16", "fp16")] + [("fp32", False, [2 if cpu else 64])]
-    plan += [("bf16", True, [2 if cpu else 64])]  # CUDA graphs (the CPU runs it without)
-    rows = []
-    torch.backends.cuda.matmul.allow_tf32 = True  # "fp32" on the GPU is TF32, as TensorRT's default
-    for precision, graphs, sizes in plan:
-        with open_engine(b, "hex", "torch", precision, cuda_graphs=graphs and not cpu) as e:
-            if not cpu:
-                torch.cuda.reset_peak_memory_stats()
-            for m in measure(e, lambda n: random_tiles(n, 224), sizes, seconds=seconds, warmup=2):
-                rate = m["tiles_per_s"]
-                rows.append({**m, "precision": precision, "cuda_graphs": graphs and not cpu,
-                             "describe": e.describe(),
-                             "tflops": rate * GFLOP_PER_TILE / 1e3 if not cpu else None,
-                             "share_of_bf16_peak": rate * GFLOP_PER_TILE / 1e3 / peak_tflops
-                             if peak_tflops and not cpu else None,
-                             "gpu_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if not cpu else None})
-                print(f"  {precision:<5} graphs={graphs!s:<5} batch {m['batch']:<4} {rate:9.1f} tiles/s", flush=True)
-    best = max((r for r in rows if r["precision"] == "bf16"), key=lambda r: r["tiles_per_s"])
-    return {"rows": rows, "best_bf16_tiles_per_s": best["tiles_per_s"], "best_bf16_batch": best["batch"],
-            "projected_50k_engine_seconds": TARGET_TILES / best["tiles_per_s"]}
-
-
-def parity(bundle: Path, shared: Path | None, cpu: bool) -> dict:
-    """bf16 / fp16 programs against the fp32 one on real H&E tiles (shared/data, and the exporter's
-    CMU crops), on the device."""
-    from PIL import Image
-
-    from hexfast.bundle import load_bundle
-    from hexfast.score import open_engine
-
-    paths = sorted((shared / "hex-official" / "he_patches").glob("*.png")) if shared else []
-    paths += sorted((ROOT / "export" / "hexfast_export" / "data" / "parity_tiles").glob("*.png"))
-    groups: dict[tuple, list] = {}
-    for p in paths:
-        tile = np.asarray(Image.open(p).convert("RGB"))
-        groups.setdefault(tile.shape, []).append(tile)
-    b = load_bundle(bundle)
-    outputs = {}
-    for precision in ("fp32", "bf16", "fp16"):
-        with open_engine(b, "hex", "torch", precision) as e:
-            outputs[precision] = [e.run({"tiles": np.stack(g)}) for g in groups.values()]
-    figures = {}
-    for precision in ("bf16", "fp16"):
-        figures[precision] = {
-            name: max(float(np.abs(o[name] - r[name]).max() / max(np.abs(r[name]).max(), 1e-30))
-                      for o, r in zip(outputs[precision], outputs["fp32"]))
-            for name in ("markers", "embedding")}
-    return {"tiles": len(paths), "sizes": sorted({f"{s[0]} px" for s in groups}), "from_shared": shared is not None,
-            "max_rel_vs_fp32": figures}
-
-
-def slide(out: Path, shared: Path | None, cpu: bool) -> dict:
+def start_slide(work: Path, shared: Path | None, cpu: bool) -> tuple[subprocess.Popen | None, Path, str]:
+    """benchmarks/make_slide.py in the background (CPU work, while the GPU steps run)."""
     texture = (shared / "slides" / "CMU-1-Small-Region.svs") if shared else None
+    path = work / "slide-40x.svs"
     if texture is None or not texture.is_file():
-        raise RuntimeError("needs shared/data/slides/CMU-1-Small-Region.svs for the tissue texture")
-    path = out / "slide-40x.svs"
-    width, height = (6000, 4000) if cpu else (66000, 50000)
-    sh(sys.executable, "benchmarks/make_slide.py", "--texture", texture, "--width", width, "--height", height,
-       "--tissue", "0.3", "-o", path)
+        return None, path, "needs shared/data/slides/CMU-1-Small-Region.svs for the tissue texture"
+    width, height = SLIDE_PX["cpu" if cpu else "gpu"]
+    command = [sys.executable, "benchmarks/make_slide.py", "--texture", str(texture), "--width", str(width),
+               "--height", str(height), "--tissue", "0.35", "-o", str(path)]
+    print("$ " + " ".join(command) + " &", flush=True)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), path, ""
+
+
+def slide(started: tuple[subprocess.Popen | None, Path, str]) -> dict:
+    proc, path, problem = started
+    if proc is None:
+        raise RuntimeError(problem)
+    output, _ = proc.communicate()
+    sys.stdout.write(output[-5000:])
+    if proc.returncode != 0:
+        raise RuntimeError(f"make_slide.py exit {proc.returncode}")
     import hexfast
 
     with hexfast.open_slide(path) as s:
         tiles = len(hexfast.tile_slide(s))
-    return {"slide": str(path), "size": [width, height], "tiles": tiles}
+        size = s.dimensions
+    return {"slide": str(path), "size": list(size), "tiles": tiles}
 
 
 def e2e(slide_path: str, bundle: Path, out: Path, cpu: bool) -> dict:
@@ -215,29 +267,58 @@ def e2e(slide_path: str, bundle: Path, out: Path, cpu: bool) -> dict:
        "--precision", "fp32" if cpu else "bf16", "--threads", "2" if cpu else "16", "--batch-size",
        "8" if cpu else "64", "--seconds", "0.5" if cpu else "3", "--json", target)
     r = json.loads(target.read_text())
+    r.pop("trace", None)  # per batch: the JSON stays small
+    target.write_text(json.dumps(r, indent=1))
     fixed = sum(v for k, v in r["seconds"].items() if "within" not in k and k != "stream+hex")
-    return {"tiles": r["tiles"], "e2e_tiles_per_s": r["e2e_tiles_per_s"], "engine_tiles_per_s": r["engine_tiles_per_s"],
-            "stream_tiles_per_s": r["stream_tiles_per_s"], "stream_reader": r["stream_reader"],
-            "pipeline_efficiency": r["pipeline_efficiency"], "engine_busy": r["engine_busy"],
-            "stages": r["seconds"], "peak_rss_mib": r["peak_rss_mib"], "gpu_mem_mib": r["gpu_mem_mib"],
+    return {"tiles": r["tiles"], "describe": r["describe"], "e2e_tiles_per_s": r["e2e_tiles_per_s"],
+            "engine_tiles_per_s": r["engine_tiles_per_s"], "stream_tiles_per_s": r["stream_tiles_per_s"],
+            "stream_reader": r["stream_reader"], "pipeline_efficiency": r["pipeline_efficiency"],
+            "pipeline_efficiency_steady": r["pipeline_efficiency_steady"], "engine_busy": r["engine_busy"],
+            "stages": r["seconds"], "wall_seconds": r["wall_seconds"], "peak_rss_mib": r["peak_rss_mib"],
+            "gpu_mem_mib": r["gpu_mem_mib"],
             "projected_50k_seconds": TARGET_TILES / r["e2e_tiles_per_s"] + fixed if r["e2e_tiles_per_s"] else None}
 
 
-def score(slide_path: str, bundle: Path, out: Path, cpu: bool) -> dict:
-    target = out / "score"
-    start = time.perf_counter()
-    sh(sys.executable, "-m", "hexfast", "score", slide_path, "--model", bundle, "--backend", "torch",
-       "--precision", "fp32" if cpu else "bf16", "--threads", "2" if cpu else "16", "-o", target)
-    report = json.loads(next(target.glob("*/report.json")).read_text())
-    return {"wall_seconds": time.perf_counter() - start, "tiles": report["tile_count"],
-            "tiles_per_s": report["tiles_per_s"], "backend": report["backend"], "stages": report["seconds"],
-            "mica_risk": (report.get("mica") or {}).get("risk")}
+def parity(bundle: Path, shared: Path | None, cpu: bool) -> dict:
+    """On real H&E tiles: bf16 against fp32, both on the device with TF32 off (a true fp32 reference),
+    and the fp32 program on the device against the same program on the CPU."""
+    import torch
+    from PIL import Image
+
+    from hexfast.bundle import load_bundle
+    from hexfast.engines.torch_backend import load_program
+
+    paths = sorted((shared / "hex-official" / "he_patches").glob("*.png")) if shared else []
+    paths += sorted((ROOT / "export" / "hexfast_export" / "data" / "parity_tiles").glob("*.png"))
+    groups: dict[tuple, list] = {}
+    for p in paths:
+        tile = np.asarray(Image.open(p).convert("RGB"))
+        groups.setdefault(tile.shape, []).append(tile)
+    b = load_bundle(bundle)
+    device = "cpu" if cpu else "cuda:0"
+    outputs = {}
+    with tf32(False):
+        for key, precision, where in (("fp32", "fp32", device), ("bf16", "bf16", device), ("fp32 cpu", "fp32", "cpu")):
+            module = load_program(b.program_file("hex", precision), where)
+            with torch.inference_mode():
+                outputs[key] = [[o.float().cpu().numpy() for o in module(torch.from_numpy(np.stack(g)).to(where))]
+                                for g in groups.values()]
+            del module
+        tf32_off = not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+
+    def worst(a, r):
+        return {name: max(float(np.abs(x[i] - y[i]).max() / max(np.abs(y[i]).max(), 1e-30)) for x, y in zip(a, r))
+                for i, name in enumerate(("markers", "embedding"))}
+
+    return {"tiles": len(paths), "sizes": sorted({f"{s[0]} px" for s in groups}), "from_shared": shared is not None,
+            "reference_tf32_off": tf32_off, "bf16_vs_fp32": worst(outputs["bf16"], outputs["fp32"]),
+            "fp32_device_vs_cpu": worst(outputs["fp32"], outputs["fp32 cpu"])}
 
 
 def reference(slide_path: str, bundle: Path, out: Path, cpu: bool) -> dict:
     target = out / "reference.json"
     sh(sys.executable, "benchmarks/reference_hex.py", slide_path, "--model", bundle, "--tiles",
-       "64" if cpu else "4096", "--backend", "torch", "--precision", "fp32" if cpu else "bf16",
+       "64" if cpu else "1024", "--backend", "torch", "--precision", "fp32" if cpu else "bf16",
        "--threads", "2" if cpu else "16", "--json", target)
     r = json.loads(target.read_text())
     return {"reference_tiles_per_s": r["reference"]["tiles_per_s"], "hexfast_tiles_per_s": r["hexfast"]["tiles_per_s"],
@@ -245,32 +326,70 @@ def reference(slide_path: str, bundle: Path, out: Path, cpu: bool) -> dict:
             "max_rel_diff": r.get("max_rel_diff")}
 
 
+def _cpu_name() -> str:
+    from hexfast.engines.devices import cpu_name
+
+    return cpu_name()
+
+
+def _nvidia_smi(field: str) -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _stop(signum, frame):
+    raise TimeLimit()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path)
+    ap.add_argument("out", type=Path, help="where the JSON goes (small files only)")
+    ap.add_argument("--work", type=Path, required=True, help="where the bundle and the slide go (GBs)")
     ap.add_argument("--cpu", action="store_true", help="the dry run: the same steps, tiny, on the CPU")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _stop)
     run = Run(args.out, args.cpu)
     shared = find_shared()
     run.results["shared"] = str(shared) if shared else None
-    run.step("env", env, args.cpu)
-    exported = run.step("export", export, args.out, args.cpu)
-    measured = run.step("peak", peak, args.cpu)
-    if exported:
-        bundle = Path(exported["bundle"])
-        run.step("engine", engine, bundle, args.cpu, (measured or {}).get("bf16_tflops"))
-        run.step("parity", parity, bundle, shared, args.cpu)
-        made = run.step("slide", slide, args.out, shared, args.cpu)
-        if made:
-            run.step("e2e", e2e, made["slide"], bundle, args.out, args.cpu)
-            run.step("score", score, made["slide"], bundle, args.out, args.cpu)
-            run.step("reference", reference, made["slide"], bundle, args.out, args.cpu)
-    run.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    run.save()
+    background = None
+    try:
+        if run.step("preflight", preflight, args.work, args.cpu) is None:
+            print("device check: preflight FAILED; nothing else is run", flush=True)
+            return 2
+        exported = run.step("export", export, args.work, args.cpu)
+        if exported:
+            bundle = Path(exported["bundle"])
+            background = start_slide(args.work, shared, args.cpu)
+            run.step("engine", engine_rows, bundle, args.cpu, [("bf16", False, [2 if args.cpu else 64])])
+            run.step("engine_sweep", engine_rows, bundle, args.cpu,
+                     [("bf16", False, [1] if args.cpu else [32, 128]), ("bf16", True, [2 if args.cpu else 64]),
+                      ("fp32", False, [2 if args.cpu else 64])])
+            run.step("peak", peak, args.cpu)
+            made = run.step("slide", slide, background)
+            if made:
+                run.step("e2e", e2e, made["slide"], bundle, args.out, args.cpu)
+            run.step("parity", parity, bundle, shared, args.cpu)
+            if made:
+                run.step("reference", reference, made["slide"], bundle, args.out, args.cpu)
+    except TimeLimit:
+        run.results["stopped"] = "time limit (SIGTERM) reached"
+        print("device check: stopped by the time limit", flush=True)
+    finally:
+        if background and background[0] is not None and background[0].poll() is None:
+            background[0].kill()
+        run.results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        run.save()
+    if "stopped" in run.results:
+        return 124
     failed = [name for name, step in run.results["steps"].items() if not step["ok"]]
     print(f"device check: {len(run.results['steps']) - len(failed)} of {len(run.results['steps'])} steps ok"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    print("summary: " + json.dumps(run.results["summary"]), flush=True)
     return 1 if failed else 0
 
 

@@ -1,42 +1,75 @@
 #!/usr/bin/env bash
-# Issue 15's GPU measurements on the H200 this project borrows, in one command (about 6 minutes):
+# The GPU figures of benchmarks/RESULTS.md in one device call on the borrowed H100 / H200; with --cpu, the same
+# steps, tiny, on this CPU (the dry run CI does).
 #
-#   benchmarks/device_check.sh OUT          on the GPU machine (run from the device tool, carrying the wheels)
-#   benchmarks/device_check.sh OUT --cpu    the same steps, tiny, on a CPU, in the current environment (CI)
+#   1. here, once:   benchmarks/device_payload.sh
+#                    (wheels for the image's Python 3.12 and the test data, into benchmarks/device_payload/,
+#                    which git ignores and the device call carries; ~17 MB)
+#   2. the call:     device tool `run` with
+#                      command:   bash benchmarks/device_check.sh "$OUT"
+#                      carry:     ["benchmarks/device_payload"]
+#                      timeout_s: 600          (the script stops itself at 540 s; a rerun fits the 15 minutes)
+#                    then commit $OUT/device_check.json (and e2e.json, reference.json) under
+#                    benchmarks/data/gpu/ and fill RESULTS.md's GPU table from its "summary"
+#   3. dry run:      benchmarks/device_payload.sh --host /tmp/payload
+#                    HEXFAST_DEVICE_PAYLOAD=/tmp/payload benchmarks/device_check.sh OUT --cpu
 #
-# Writes OUT/device_check.json (every step: its figures, or its error), OUT/log.txt (every command and its
-# output), and the steps' own JSON (e2e.json, reference.json). The steps: benchmarks/device_check.py.
+# Steps (benchmarks/device_check.py), in order of value, each saved to OUT/device_check.json as it ends, with
+# an estimate for an H200 (16 CPU cores beside it); the total is about 6.1 minutes:
+#   install       pip --target of the payload's wheels into $WORK/site, PYTHONPATH over the image's python3  10 s
+#   preflight     cv2, openslide, hexfast._core import; CUDA seen; one bf16 HEX tile on the GPU           20 s
+#   export        full-size demo bundle: ONNX fp32, programs fp32 + HEX bf16, parity on the CPU          150 s
+#   engine        HEX bf16, batch 64                                                                     15 s
+#   engine_sweep  bf16 at 32 and 128, bf16 with CUDA graphs at 64, fp32 (TF32) at 64                     45 s
+#   peak          bf16 / TF32 matmul peak                                                                10 s
+#   slide         48,000 x 40,000 px 40x slide, ~13k tiles (made in the background since `engine`)        5 s
+#   e2e           hexfast bench e2e on it, bf16, 16 stream threads (HEX + MICA, all outputs)             55 s
+#   parity        bf16 vs true fp32 on the GPU; fp32 GPU vs CPU; real H&E tiles                          20 s
+#   reference     HEX's research path vs hexfast, 1,024 tiles                                            40 s
 #
-# The machine's image has Python 3.12, torch (CUDA), numpy, h5py, tifffile, Pillow, onnx, onnxruntime (CPU),
-# cmake, ninja, pybind11, scikit-build-core and gcc, and no network. What hexfast needs beyond that travels
-# in benchmarks/device_wheels/ (3.3 MB, not in git), fetched here with:
-#
-#   pip download --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#       --platform manylinux_2_17_x86_64 --only-binary=:all: --no-deps -d benchmarks/device_wheels \
-#       openslide-bin openslide-python tqdm safetensors
-#
-# hexfast is built from this checkout there (pip, no build isolation, the image's scikit-build-core). Its
-# direct JPEG reader needs libjpeg's headers at build time; without them the TileStream reads through
-# OpenSlide (about 5x the CPU per tile: 988 against 5,159 tiles/s on 2 threads here, RESULTS.md), which the
-# 16 stream threads must make up for: the e2e step says which reader ran and how fast the stream alone was.
+# No venv: the image's python3 is itself one, and a venv made from it sees none of its packages. Heavy files
+# (the installed wheels, the 3 GB bundle, the slide) go under $WORK (default /tmp/hexfast-device); OUT gets
+# device_check.json, e2e.json, reference.json and log.txt only (the device tool returns small files).
+# Environment: HEXFAST_DEVICE_PAYLOAD (default benchmarks/device_payload), HEXFAST_DEVICE_WORK,
+# HEXFAST_DEVICE_LIMIT (seconds, default 540: the whole script, install included).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: benchmarks/device_check.sh OUT [--cpu]}
 shift
-mkdir -p "$OUT"
+MODE=()
+if [ "${1:-}" = "--cpu" ]; then MODE=(--cpu); fi
+PAYLOAD=${HEXFAST_DEVICE_PAYLOAD:-benchmarks/device_payload}
+WORK=${HEXFAST_DEVICE_WORK:-/tmp/hexfast-device}
+LIMIT=${HEXFAST_DEVICE_LIMIT:-540}
+mkdir -p "$OUT" "$WORK"
 OUT=$(cd "$OUT" && pwd)
-exec > >(tee "$OUT/log.txt") 2>&1
-echo "device check $(date -u +%FT%TZ) in $PWD -> $OUT"
+LOG=$OUT/log.txt
+log() { echo "$*" | tee -a "$LOG"; }
+: > "$LOG"
+log "device check $(date -u +%FT%TZ) in $PWD -> $OUT (work: $WORK, limit ${LIMIT} s${MODE[*]:+, ${MODE[*]}})"
+command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | tee -a "$LOG"
 
-if [ "${1:-}" != "--cpu" ]; then
-  WHEELS=${HEXFAST_DEVICE_WHEELS:-benchmarks/device_wheels}
-  if [ ! -d "$WHEELS" ]; then
-    echo "no $WHEELS: fetch the wheels first (see the header of $0)"; exit 2
-  fi
-  nvidia-smi || true
-  # A venv over the image's packages (torch, numpy, h5py, onnx, ...), with hexfast's few others from the wheels.
-  python3 -m venv --system-site-packages "$OUT/venv" && . "$OUT/venv/bin/activate" || exit 2
-  pip install --no-index --find-links "$WHEELS" openslide-bin openslide-python tqdm safetensors || exit 2
-  time pip install --no-index --no-build-isolation --no-deps . || exit 2
+log "### install: $PAYLOAD/wheels -> $WORK/site (pip --target, no venv)"
+if ! ls "$PAYLOAD"/wheels/hexfast-*.whl >/dev/null 2>&1; then
+  log "device check: no hexfast wheel in $PAYLOAD/wheels: run benchmarks/device_payload.sh first (and carry it)"
+  exit 2
 fi
-python benchmarks/device_check.py "$OUT" "$@"
+rm -rf "$WORK/site"
+if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
+    --target "$WORK/site" "$PAYLOAD"/wheels/*.whl 2>&1 | tee -a "$LOG"; then
+  log "device check: installing the wheels failed (above); nothing was measured"
+  exit 2
+fi
+export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+export HEXFAST_DEVICE_SITE="$WORK/site"
+export HEXFAST_SHARED="$PAYLOAD/shared"
+export PYTHONUNBUFFERED=1
+log "### install: done after $SECONDS s"
+
+# The rest under the limit: on time, device_check.py records the step it was in, saves the JSON and exits 124;
+# 20 s later anything left is killed.
+timeout --kill-after=20 "$((LIMIT - SECONDS))" python3 benchmarks/device_check.py "$OUT" --work "$WORK" \
+  "${MODE[@]}" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+log "device check: exit $rc after $SECONDS s"
+exit "$rc"

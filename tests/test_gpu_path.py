@@ -1,14 +1,16 @@
 """The GPU path (issue 15), as far as a CPU can check it: torch.export programs in the bundle
 (fused attention kept, reduced precision by cast weights, preprocessing float32), the torch engine's
 submit/collect, the staged pipeline (errors and cancel still stop it cleanly), the simulated engine
-of `hexfast bench e2e`, and the device script's dry run. The CUDA-only parts (pinned staging, CUDA
-graphs, the out-of-memory message) run where a GPU is: benchmarks/device_check.sh."""
+of `hexfast bench e2e`, and the device script's install and dry run. The CUDA-only parts run where a GPU
+is (benchmarks/device_check.sh); their logic is emulated on the host in test_torch_device.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from hexfast.outputs import outputs_complete
 from hexfast.score import Scorer, open_engine
 from test_score import he_slide, small_slide, temp_files
 
+ROOT = Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch", reason="the torch backend needs torch")
 from hexfast_export.torch_export import SDPA, load_program, op_counts  # noqa: E402
 
@@ -138,18 +141,70 @@ def test_the_simulated_engine_is_for_benchmarks_only(tmp_path):
     assert r.returncode == 2 and "unrecognized arguments: --simulate-engine" in r.stderr
 
 
-def test_device_check_dry_run(tmp_path):
-    """benchmarks/device_check.sh --cpu: every step of the GPU run, tiny, on this CPU."""
+@pytest.fixture(scope="module")
+def host_payload(tmp_path_factory):
+    """benchmarks/device_payload.sh --host: the device's wheel folder and test data, for this machine's python."""
     shared_file("slides/CMU-1-Small-Region.svs")  # its tissue texture
-    out = tmp_path / "device"
-    r = subprocess.run(["bash", "benchmarks/device_check.sh", str(out), "--cpu"], capture_output=True, text=True,
-                       timeout=900, cwd=Path(__file__).resolve().parents[1])
+    shared_file("hex-official/he_patches")
+    payload = tmp_path_factory.mktemp("payload") / "p"
+    r = subprocess.run(["bash", "benchmarks/device_payload.sh", "--host", str(payload)], capture_output=True,
+                       text=True, timeout=900, cwd=ROOT, env=python_first())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return payload
+
+
+def python_first() -> dict:
+    """The environment with this interpreter's python3 first on PATH (the scripts call python3)."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def device_check(out: Path, payload: Path, work: Path, limit: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(python_first(), HEXFAST_DEVICE_PAYLOAD=str(payload), HEXFAST_DEVICE_WORK=str(work))
+    if limit is not None:
+        env["HEXFAST_DEVICE_LIMIT"] = str(limit)
+    return subprocess.run(["bash", "benchmarks/device_check.sh", str(out), "--cpu"], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env=env)
+
+
+def test_device_check_dry_run(tmp_path, host_payload):
+    """benchmarks/device_check.sh --cpu: the device's install (pip --target from the wheel folder, PYTHONPATH),
+    then every step of the GPU run, tiny, on this CPU."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = device_check(out, host_payload, work)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "device_check.json").read_text())
     steps = result["steps"]
-    assert set(steps) == {"env", "export", "peak", "engine", "parity", "slide", "e2e", "score", "reference"}
+    assert list(steps) == ["preflight", "export", "engine", "engine_sweep", "peak", "slide", "e2e", "parity",
+                           "reference"]
     assert all(step["ok"] for step in steps.values()), {k: v.get("error") for k, v in steps.items()}
-    assert steps["export"]["programs"] == {"fp32": "hex.pt2", "fp16": "hex.fp16.pt2", "bf16": "hex.bf16.pt2"}
-    assert steps["parity"]["tiles"] >= 3 and steps["parity"]["max_rel_vs_fp32"]["bf16"]["markers"] < 5e-2
-    assert steps["score"]["backend"] == "torch" and steps["e2e"]["pipeline_efficiency"] > 0
-    assert (out / "log.txt").is_file()
+    # hexfast came from the wheel installed with --target, through PYTHONPATH, not from this environment
+    assert Path(steps["preflight"]["hexfast_from"]).resolve() == (work / "site" / "hexfast").resolve()
+    assert "bf16" in steps["preflight"]["forward"]
+    assert steps["export"]["programs"] == {"fp32": "hex.pt2", "bf16": "hex.bf16.pt2"}
+    assert steps["parity"]["tiles"] >= 8 and steps["parity"]["from_shared"] and steps["parity"]["reference_tf32_off"]
+    assert steps["parity"]["bf16_vs_fp32"]["markers"] < 5e-2 and steps["parity"]["fp32_device_vs_cpu"]["markers"] < 1e-5
+    assert steps["e2e"]["describe"].startswith("torch") and steps["e2e"]["pipeline_efficiency"] > 0
+    assert {"bf16_tiles_per_s", "pipeline_efficiency", "projected_50k_seconds", "speedup_vs_reference"} \
+        <= set(result["summary"])
+    # only small files come back from the device: no bundle, slide or installed packages under OUT
+    assert sorted(p.name for p in out.rglob("*")) == ["device_check.json", "e2e.json", "log.txt", "reference.json"]
+    assert all(p.stat().st_size < 1 << 20 for p in out.iterdir())
+    assert not list(work.rglob("pyvenv.cfg")) and not list(out.rglob("pyvenv.cfg"))  # no venv made
+    assert "### preflight" in (out / "log.txt").read_text()
+
+
+def test_device_check_stops_at_its_time_limit(tmp_path, host_payload):
+    """Past HEXFAST_DEVICE_LIMIT the step in progress is recorded as stopped, the JSON kept, exit 124."""
+    out = tmp_path / "out"
+    r = device_check(out, host_payload, tmp_path / "work", limit=40)
+    assert r.returncode == 124, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads((out / "device_check.json").read_text())
+    assert result["stopped"] == "time limit (SIGTERM) reached"
+    assert result["steps"]["preflight"]["ok"]
+    last = list(result["steps"].values())[-1]
+    assert last == {**last, "ok": False, "error": "stopped by the time limit"}
+
+
+def test_device_check_refuses_a_missing_payload(tmp_path):
+    r = device_check(tmp_path / "out", tmp_path / "nothing", tmp_path / "work")
+    assert r.returncode == 2 and "run benchmarks/device_payload.sh first" in r.stdout

@@ -545,25 +545,35 @@ def test_api_writes_outputs_with_overlap_and_a_pyramid(tmp_path):
 
 
 def test_cancel_from_another_thread(cmu, tmp_path):
-    """Thousands of tiles (stride 16, batches of 8); cancel() from a timer thread: Cancelled soon
-    after, no report.json, no h5, no temp files."""
+    """Thousands of tiles (stride 16, batches of 8); cancel() from another thread once scoring is under
+    way (not after a fixed time: a fast CPU could finish first): Cancelled soon after, no report.json,
+    no h5, no temp files."""
     out = tmp_path / "out"
     seen = []
     cancelled_at = []
+    under_way = threading.Event()
+
+    def progress(stage, done, total):
+        seen.append((done, total))
+        if done >= 64:
+            under_way.set()
+
     with hexfast.Scorer(backend="ort-cpu", stride=16, batch_size=8) as scorer:
         def cancel():
-            cancelled_at.append(time.perf_counter())
-            scorer.cancel()
+            if under_way.wait(timeout=120):
+                cancelled_at.append(time.perf_counter())
+                scorer.cancel()
 
-        timer = threading.Timer(1.5, cancel)
-        timer.start()
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
         try:
             with pytest.raises(Cancelled, match="cancelled after"):
-                scorer.score(cmu, out=out, progress=lambda stage, done, total: seen.append((done, total)))
+                scorer.score(cmu, out=out, progress=progress)
             raised_at = time.perf_counter()
         finally:
-            timer.cancel()
-    assert cancelled_at, "score finished before the timer fired"
+            under_way.set()
+            canceller.join()
+    assert cancelled_at, "score finished before cancel() was called"
     assert raised_at - cancelled_at[0] < 3.0
     done, total = seen[-1]
     assert total > 2000 and done < total

@@ -87,8 +87,11 @@ def load_program(path: str | os.PathLike) -> torch.export.ExportedProgram:
 
 
 def run_program(program: torch.export.ExportedProgram, case: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The program's outputs (float32 numpy) for one case, inputs in the program's order."""
-    module = program.module()
+    """The program's outputs (float32 numpy) for one case, inputs in the program's order, loaded on the
+    CPU as the runtime loads it (hexfast.engines.torch_backend.load_program)."""
+    from hexfast.engines.torch_backend import load_program as load_on_device
+
+    module = load_on_device(program, "cpu")
     with torch.no_grad():
         out = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in case.values()))
     out = out if isinstance(out, (tuple, list)) else (out,)
