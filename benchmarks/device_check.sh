@@ -15,7 +15,7 @@
 #                    HEXFAST_DEVICE_PAYLOAD=/tmp/payload benchmarks/device_check.sh OUT --cpu
 #
 # Steps (benchmarks/device_check.py), in order of value, each saved to OUT/device_check.json as it ends, with
-# an estimate for an H200 (16 CPU cores beside it); the total is about 6.1 minutes:
+# an estimate for an H200 (16 CPU cores beside it); the total is about 6.2 minutes:
 #   install       pip --target of the payload's wheels into $WORK/site, PYTHONPATH over the image's python3  10 s
 #   preflight     cv2, openslide, hexfast._core import; CUDA seen; one bf16 HEX tile on the GPU           20 s
 #   export        full-size demo bundle: ONNX fp32, programs fp32 + HEX bf16, parity on the CPU          150 s
