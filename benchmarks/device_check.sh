@@ -8,7 +8,9 @@
 #   2. the call:     device tool `run` with
 #                      command:   bash benchmarks/device_check.sh "$OUT"
 #                      carry:     ["benchmarks/device_payload"]
-#                      timeout_s: 600          (the script stops itself at 540 s; a rerun fits the 15 minutes)
+#                      timeout_s: 600          (the script stops itself at 540 s)
+#                    a rerun at once, on the still-warm machine, reuses the bundle in $WORK (~150 s saved): give
+#                    it what device time is left less a minute, e.g. HEXFAST_DEVICE_LIMIT=300 bash ...
 #                    then commit $OUT/device_check.json (and e2e.json, reference.json) under
 #                    benchmarks/data/gpu/ and fill RESULTS.md's GPU table from its "summary"
 #   3. dry run:      benchmarks/device_payload.sh --host /tmp/payload

@@ -484,7 +484,8 @@ class _CapturedGraph:
                 module(*self.static)
         stream.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
+        # thread_local: CUDA work of the embedding application's other threads does not break the capture
+        with torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"):
             self.out = module(*self.static)
 
     def replay(self, inputs):
