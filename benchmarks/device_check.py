@@ -160,8 +160,14 @@ def preflight(work: Path, cpu: bool) -> dict:
             "opencv": cv2.__version__, "openslide": openslide.__library_version__, "torch": torch.__version__,
             "cuda": torch.version.cuda, "cpus": os.cpu_count(), "cpu": _cpu_name()}
     site = os.environ.get("HEXFAST_DEVICE_SITE")
-    if site and Path(site).resolve() not in Path(hexfast.__file__).resolve().parents:
-        raise RuntimeError(f"hexfast was imported from {hexfast.__file__}, not from the wheels installed in {site}")
+    if site:
+        if Path(site).resolve() not in Path(hexfast.__file__).resolve().parents:
+            raise RuntimeError(f"hexfast was imported from {hexfast.__file__}, not from the wheels installed in {site}")
+        stale = stale_files(Path(site))
+        if stale:
+            raise RuntimeError(f"the payload's hexfast wheel was built from other sources than this checkout "
+                               f"({', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}): rerun "
+                               "benchmarks/device_payload.sh")
     if not cpu:
         if not torch.cuda.is_available():
             raise RuntimeError(f"torch {torch.__version__} sees no CUDA device (run with --cpu for the dry run)")
@@ -183,6 +189,17 @@ def preflight(work: Path, cpu: bool) -> dict:
     if not cpu and "cuda" not in info["forward"]:
         raise RuntimeError(f"the bf16 HEX forward did not run on the GPU: {info['forward']}")
     return info
+
+
+def stale_files(site: Path) -> list[str]:
+    """The checkout's Python files that the installed wheel holds in another version, or not at all."""
+    stale = []
+    for package, source in (("hexfast", ROOT / "python" / "hexfast"), ("hexfast_export", ROOT / "export" / "hexfast_export")):
+        for path in sorted(source.rglob("*.py")):
+            installed = site / package / path.relative_to(source)
+            if not installed.is_file() or installed.read_bytes() != path.read_bytes():
+                stale.append(f"{package}/{path.relative_to(source)}")
+    return stale
 
 
 def export(work: Path, cpu: bool) -> dict:

@@ -4,15 +4,17 @@
 #
 #   1. here, once:   benchmarks/device_payload.sh
 #                    (wheels for the image's Python 3.12 and the test data, into benchmarks/device_payload/,
-#                    which git ignores and the device call carries; ~17 MB)
+#                    which git ignores and the device call carries; ~17 MB). Again after any change to
+#                    python/ or export/: the device runs the wheel, and the preflight refuses one built from
+#                    other sources than the checkout it runs in.
 #   2. the call:     device tool `run` with
 #                      command:   bash benchmarks/device_check.sh "$OUT"
 #                      carry:     ["benchmarks/device_payload"]
 #                      timeout_s: 600          (the script stops itself at 540 s)
-#                    a rerun at once, on the still-warm machine, reuses the bundle in $WORK (~150 s saved): give
-#                    it what device time is left less a minute, e.g. HEXFAST_DEVICE_LIMIT=300 bash ...
 #                    then commit $OUT/device_check.json (and e2e.json, reference.json) under
-#                    benchmarks/data/gpu/ and fill RESULTS.md's GPU table from its "summary"
+#                    benchmarks/data/gpu/ and fill RESULTS.md's GPU table from its "summary". A rerun at once,
+#                    on the still-warm machine, reuses the bundle in $WORK (~150 s saved): give it the device
+#                    time left less a minute, e.g. command: HEXFAST_DEVICE_LIMIT=300 bash benchmarks/device_check.sh "$OUT"
 #   3. dry run:      benchmarks/device_payload.sh --host /tmp/payload
 #                    HEXFAST_DEVICE_PAYLOAD=/tmp/payload benchmarks/device_check.sh OUT --cpu
 #

@@ -193,10 +193,26 @@ def test_device_check_dry_run(tmp_path, host_payload):
     assert not list(work.rglob("pyvenv.cfg")) and not list(out.rglob("pyvenv.cfg"))  # no venv made
     assert "### preflight" in (out / "log.txt").read_text()
     # a rerun on the same (still warm) machine reuses the bundle it exported
+    assert not steps["export"]["reused"] and device_check_module().export(work, cpu=True)["reused"]
+
+
+def device_check_module():
     spec = importlib.util.spec_from_file_location("device_check", ROOT / "benchmarks" / "device_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert not steps["export"]["reused"] and module.export(work, cpu=True)["reused"]
+    return module
+
+
+def test_device_check_refuses_a_payload_built_from_other_sources(tmp_path):
+    """The device runs the payload's wheel, not the checkout: a wheel older than the checkout is caught."""
+    stale_files = device_check_module().stale_files
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "python" / "hexfast", site / "hexfast")
+    shutil.copytree(ROOT / "export" / "hexfast_export", site / "hexfast_export")
+    assert stale_files(site) == []
+    (site / "hexfast" / "engines" / "torch_backend.py").write_text("# an older version\n")
+    (site / "hexfast_export" / "demo.py").unlink()
+    assert stale_files(site) == ["hexfast/engines/torch_backend.py", "hexfast_export/demo.py"]
 
 
 def test_device_check_stops_at_its_time_limit(tmp_path, host_payload):
