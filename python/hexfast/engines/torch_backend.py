@@ -107,22 +107,12 @@ def device_constants(program) -> set[str]:
         for node in module.graph.nodes:
             if node.op != "call_function":
                 continue
-            values = list(node.kwargs.values())
+            # where torch.export writes a device: a `device` keyword, and aten.to.device's second argument
+            values = [node.kwargs["device"]] if "device" in node.kwargs else []
             if node.target is torch.ops.aten.to.device:
                 values.append(node.args[1])
-            found.update(str(torch.device(v)) for v in values if isinstance(v, torch.device)
-                         or (isinstance(v, str) and _is_device_name(v)))
+            found.update(str(torch.device(v)) for v in values if v is not None)
     return found
-
-
-def _is_device_name(text: str) -> bool:
-    import torch
-
-    try:
-        torch.device(text)
-    except (RuntimeError, ValueError):
-        return False
-    return True
 
 
 def _read(program: str | os.PathLike | ListedFile):
@@ -241,8 +231,7 @@ class TorchEngine(Engine):
         slot = self._slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self._slots)
         if slot.owner is not None:  # its batch was never collected: keep its outputs before reusing the buffers
-            self._detach(slot)
-        slot.wait()
+            self._detach(slot)  # (a collected or failed batch left no event behind: the buffers are free)
         try:
             with self._gpu.stream(), torch.inference_mode():
                 inputs = [slot.stage(self._gpu, s.name, feeds[s.name], self.device) for s in self.inputs]
