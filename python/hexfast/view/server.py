@@ -13,7 +13,8 @@ Routes (all GET):
     /api/attention                 MICA's attention per bag tile (coords and weights, JSON)
     /api/tile?x=X&y=Y              the tile under level-0 (X, Y): coords and its 40 values
 
-Bound to 127.0.0.1 unless told otherwise: the slide and its predictions are patient data.
+Bound to 127.0.0.1 unless told otherwise: the slide and its predictions are patient data. Requests that
+name another host are refused, and connections are bounded in number and idle time (localhttp.py).
 OpenSlide is not thread-safe for one handle across threads in every build, so deep-zoom reads go
 through one lock; JPEG tiles are kept in a bounded LRU cache.
 """
@@ -25,10 +26,10 @@ import io
 import json
 import mimetypes
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
+from ..localhttp import LocalHandler, LocalServer
 from .data import ViewerData
 
 DZ_TILE = 256
@@ -36,9 +37,7 @@ CACHE_TILES = 512  # ~15 MB of JPEG
 JPEG_QUALITY = 85
 
 
-class ViewerServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class ViewerServer(LocalServer):
     def __init__(self, data: ViewerData, host: str = "127.0.0.1", port: int = 0):
         self.data = data
         self.deepzoom = data.slide.deepzoom(DZ_TILE, 0)
@@ -81,15 +80,11 @@ class ViewerServer(ThreadingHTTPServer):
         self.data.close()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LocalHandler):
     server: ViewerServer
 
-    def log_message(self, *args) -> None:  # quiet: the terminal shows the URL, not every tile
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        url = urlparse(self.path)
-        parts = [p for p in url.path.split("/") if p]
+    def get(self, path: str, query: str) -> None:
+        parts = [p for p in path.split("/") if p]
         try:
             if not parts:
                 return self._static("index.html")
@@ -98,23 +93,21 @@ class _Handler(BaseHTTPRequestHandler):
             if parts == ["api", "info"]:
                 return self._json(self.server.data.info() | {"deepzoom": self.server.dz_info()})
             if parts == ["api", "attention"]:
-                return self._send(self.server.data.attention_json(), "application/json")
+                return self.send(self.server.data.attention_json(), "application/json")
             if parts == ["api", "tile"]:
-                query = parse_qs(url.query)
-                return self._json(self.server.data.tile_at(float(query["x"][0]), float(query["y"][0])))
+                values = parse_qs(query)
+                return self._json(self.server.data.tile_at(float(values["x"][0]), float(values["y"][0])))
             if parts[0] == "overlay" and len(parts) == 2 and parts[1].endswith(".png"):
                 channel = int(parts[1][:-4])
                 if not 0 <= channel < len(self.server.data.marker_names):
                     return self._missing()
-                return self._send(self.server.data.overlay_png(channel), "image/png")
+                return self.send(self.server.data.overlay_png(channel), "image/png")
             if parts[0] == "dz" and len(parts) == 3 and parts[2].endswith(".jpg"):
                 col, row = (int(v) for v in parts[2][:-4].split("_"))
                 tile = self.server.dz_tile(int(parts[1]), col, row)
-                return self._send(tile, "image/jpeg", cache=True) if tile is not None else self._missing()
+                return self.send(tile, "image/jpeg", cache=True) if tile is not None else self._missing()
         except (ValueError, KeyError):
-            return self._send(b"bad request", "text/plain", status=400)
-        except (BrokenPipeError, ConnectionResetError):  # the browser moved on
-            return None
+            return self.send(b"bad request", "text/plain", status=400)
         return self._missing()
 
     def _static(self, name: str) -> None:
@@ -122,18 +115,10 @@ class _Handler(BaseHTTPRequestHandler):
         if name not in {p.name for p in files.iterdir()}:
             return self._missing()
         kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        self._send((files / name).read_bytes(), kind + ("; charset=utf-8" if kind.startswith("text/") else ""))
+        self.send((files / name).read_bytes(), kind + ("; charset=utf-8" if kind.startswith("text/") else ""))
 
     def _json(self, value) -> None:
-        self._send(json.dumps(value).encode(), "application/json")
+        self.send(json.dumps(value).encode(), "application/json")
 
     def _missing(self) -> None:
-        self._send(b"not found", "text/plain", status=404)
-
-    def _send(self, body: bytes, kind: str, status: int = 200, cache: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+        self.send(b"not found", "text/plain", status=404)

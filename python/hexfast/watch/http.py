@@ -4,18 +4,20 @@
     GET /status   the whole status (counts, queue, running, last results, quarantined)
     GET /queue    the queued slides, in the order they will be scored
     GET /last     the last results (done and failed)
+
+Requests that name another host than the one it listens on are refused (DNS rebinding: the status
+holds slide paths), and connections are bounded in number and idle time (localhttp.py).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from ..localhttp import LocalHandler, LocalServer
 
 
-class StatusServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class StatusServer(LocalServer):
     def __init__(self, watcher, host: str = "127.0.0.1", port: int = 0):
         self.watcher = watcher
         super().__init__((host, port), _Handler)
@@ -36,13 +38,10 @@ class StatusServer(ThreadingHTTPServer):
         self.thread.join(5)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LocalHandler):
     server: StatusServer
 
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def get(self, path: str, query: str) -> None:
         status = self.server.watcher.status()
         routes = {
             "/health": lambda: {"ok": status["state"] not in ("stopped",), "state": status["state"],
@@ -51,10 +50,6 @@ class _Handler(BaseHTTPRequestHandler):
             "/queue": lambda: status["queue"],
             "/last": lambda: status["last"],
         }
-        route = routes.get(self.path.split("?")[0].rstrip("/") or "/health")
+        route = routes.get(path.rstrip("/") or "/health")
         body = json.dumps(route() if route else {"error": "not found", "routes": sorted(routes)}).encode()
-        self.send_response(200 if route else 404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send(body, "application/json", status=200 if route else 404)

@@ -131,7 +131,7 @@ class Watcher:
                     self.event("done", slide=entry.source, name=entry.name, tiles=done.tiles,
                                tiles_per_s=round(done.tiles_per_s, 1), seconds=round(done.seconds, 2),
                                out=str(result.out_dir), risk=(result.mica or {}).get("risk"))
-                self.state = "idle"
+                self.state = "scoring" if self._taken else "idle"  # the next slide may already be under way
         except (Cancelled, KeyboardInterrupt) as stop:
             self._requeue_taken("stopped" if isinstance(stop, Cancelled) else type(stop).__name__)
             if not isinstance(stop, Cancelled):
