@@ -404,18 +404,6 @@ def test_report_rejects_what_json_cannot_hold(tmp_path):
 # ---------------------------------------------------------------- atomic writes
 
 
-def test_stale_temps_are_only_temp_name_files(tmp_path):
-    from hexfast.files import remove_stale_temps, temp_name
-
-    keep = [".hidden", "a.tmp", ".a.h5.tmp", "a.h5.123.tmp", "report.json"]
-    for name in [*keep, temp_name(tmp_path / "a.h5").name, ".virtual_codex.ome.tif.4711.tmp"]:
-        (tmp_path / name).write_bytes(b"x")
-    remove_stale_temps(tmp_path)
-    assert files_in(tmp_path) == sorted(keep)
-    remove_stale_temps(tmp_path / "missing")  # nothing there: nothing to do
-
-
-
 def assert_one_line_output_error(excinfo, path: Path):
     text = str(excinfo.value)
     assert "\n" not in text and str(path) in text
@@ -546,22 +534,21 @@ def test_slide_outputs_and_resume_check(scored, tmp_path):
     assert not outputs_complete(out, "synthetic")
 
 
-def test_failed_rewrite_is_not_complete(scored, tmp_path, monkeypatch):
+def test_a_failed_rewrite_leaves_the_previous_set_as_it_was(scored, tmp_path, monkeypatch):
     slide, grid, pred, feats = scored
     out = tmp_path / "out"
     write_all(out, slide, grid, pred, feats)
     assert outputs_complete(out, "synthetic")
+    before = {p.name: p.read_bytes() for p in (out / "synthetic").iterdir()}
 
     def failing(self, fp, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", failing)
     with pytest.raises(OutputError, match="overview.png"):
-        write_all(out, slide, grid, pred, feats)
-    # the old report is gone before the rewrite starts: a half-rewritten set never looks whole
-    assert not outputs_complete(out, "synthetic")
-    assert files_in(out / "synthetic") == ["overview.png", "synthetic.geojson.gz", "synthetic.h5",
-                                           "virtual_codex.ome.tif"]
+        write_all(out, slide, grid, pred[::-1].copy(), feats)
+    assert {p.name: p.read_bytes() for p in (out / "synthetic").iterdir()} == before
+    assert outputs_complete(out, "synthetic") and files_in(out) == ["synthetic"]  # no partial set left
 
 
 # ---------------------------------------------------------------- streaming, as the pipeline writes

@@ -30,6 +30,7 @@ from hexfast.engines import BackendUnavailable, ModelFileError
 from hexfast.errors import OutputError, SlideError
 from hexfast.files import LOCK_NAME, temp_name
 from hexfast.outputs import outputs_complete
+from hexfast.outputs.writer import partial_dir
 from hexfast.score import Cancelled, Scorer, open_engine
 from test_score import CMU, CMU_STEM, small_slide, temp_files
 
@@ -282,7 +283,7 @@ def test_a_second_run_into_the_same_folder_fails_fast_and_spares_the_first(cmu, 
                               "ort-cpu", "--stride", "28", "--batch-size", "8"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lock = out / CMU_STEM / LOCK_NAME
+        lock = partial_dir(out, CMU_STEM) / LOCK_NAME
         deadline = time.monotonic() + 120
         while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -13,7 +13,6 @@ import datetime as dt
 import hashlib
 import itertools
 import os
-import re
 import socket
 from pathlib import Path
 
@@ -30,8 +29,6 @@ except ImportError:  # Windows
     def _try_lock(fd: int) -> None:
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
-# temp_name's format, and only it: `.NAME.PID.N.tmp` (hexfast before 0.2: `.NAME.PID.tmp`).
-_TEMP = re.compile(r"^\..+\.\d+(\.\d+)?\.tmp$")
 _TEMPS = itertools.count()
 LOCK_NAME = ".hexfast.lock"
 
@@ -40,21 +37,6 @@ def temp_name(path: Path) -> Path:
     """Hidden name beside `path`, unique to this process and call: same filesystem, so the final
     rename is atomic, and two writers (two processes, or two threads of one) never share one."""
     return path.with_name(f".{path.name}.{os.getpid()}.{next(_TEMPS)}.tmp")
-
-
-def is_temp_name(name: str) -> bool:
-    return _TEMP.match(name) is not None
-
-
-def remove_stale_temps(directory: Path) -> None:
-    """Removes files named as temp_name names them from `directory`. Only for a caller holding the
-    directory's DirectoryLock: every writer there holds it, so what is left is a dead writer's
-    (SIGKILL, power loss)."""
-    if not directory.is_dir():
-        return
-    for path in directory.iterdir():
-        if is_temp_name(path.name):
-            path.unlink(missing_ok=True)
 
 
 class DirectoryLock:
@@ -89,9 +71,14 @@ class DirectoryLock:
             if same:  # else the holder removed the file between our open and our lock: take the new one
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
         started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-        os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} since {started}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"PID {os.getpid()} on {socket.gethostname()} since {started}\n".encode())
+        except OSError as e:  # a full disk: no lock file is left behind
+            self._fd = fd
+            self.release()
+            raise OutputError(self.path.parent, f"cannot lock for writing: {one_line(e.strerror or e)}") from e
         self._fd = fd
         return self
 
@@ -102,6 +89,10 @@ class DirectoryLock:
             self.path.unlink()  # before unlocking: a waiter that opened it sees the inode change and retries
         os.close(self._fd)
         self._fd = None
+
+    def moved_to(self, directory: Path) -> None:
+        """The locked directory was renamed to `directory` (the lock holds: it is on the open file)."""
+        self.path = Path(directory) / LOCK_NAME
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()

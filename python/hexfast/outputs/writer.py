@@ -7,17 +7,22 @@ OUT/<stem>/virtual_codex.ome.tif   the virtual CODEX grid, 40 named channels (om
 OUT/<stem>/overview.png            thumbnail + marker heatmaps (overview)
 OUT/<stem>/report.json             metadata, timings, MICA (report) -- written LAST
 
-One writer at a time: a SlideWriter holds OUT/<stem>/'s DirectoryLock from
-start to finish; a second one (another run into the same OUT, or another
-Scorer.score() call on the same slide) fails at once naming the holder, and
-only the holder removes temp files, which are then certainly a dead run's.
+The set changes as one: a SlideWriter writes the new set into OUT/.<stem>.partial/ and only when
+all five files are there swaps it for OUT/<stem>/ (rename the old folder aside, rename the new one
+in, delete the old). A run that fails, is interrupted (SIGINT, SIGTERM) or meets a full disk
+removes its partial folder and leaves the previous set exactly as it was; a run killed outright
+leaves the partial folder, which the next writer of that slide clears, and a kill between the two
+renames is undone by it (OUT/.<stem>.old/ is renamed back). Files a user put into OUT/<stem>/
+that are not hexfast outputs move over to the new set.
 
-Completeness: each file is written atomically; report.json is removed before
-anything else is written and written only after the other three succeeded.
-So a report.json that parses, was made with the same bundle and settings, and
-agrees with the other four (each of which opens as what it is) means the set
-is whole and from one run; `--resume` skips exactly those slides
-(outputs_complete).
+One writer at a time: a SlideWriter holds the lock of OUT/.<stem>.partial/ from start to finish;
+a second one (another run into the same OUT, or another Scorer.score() call on the same slide)
+fails at once naming the holder, and only the holder clears the partial folder, whose contents
+are then certainly a dead run's.
+
+Completeness: a report.json that parses, was made with the same bundle and settings, and agrees
+with the other four (each of which opens as what it is) means the set is whole and from one run;
+`--resume` skips exactly those slides (outputs_complete).
 
 The pipeline streams into a SlideWriter:
 
@@ -26,7 +31,7 @@ The pipeline streams into a SlideWriter:
     for coords, features in bag: writer.append_mica(coords, features)   # MICA's bag, when it has one
     writer.feature_chunks(4096)  # read back from disk in chunks, for MICA (mica_feature_chunks: the bag)
     writer.finish(coords, markers, codex_grid, mica=..., seconds=...)   # -> {"h5": path, ...}
-    (writer.abort() on failure: drops the partial h5; no report.json, so not complete)
+    (writer.abort() on failure: drops the partial folder; OUT/<stem>/ is as it was)
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import contextlib
 import datetime as dt
 import gzip
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +55,7 @@ from PIL import Image
 from .._core import __version__
 from ..bundle import Bundle
 from ..errors import OutputError
-from ..files import DirectoryLock, prepare_output_dir, remove_stale_temps
+from ..files import LOCK_NAME, DirectoryLock, one_line, prepare_output_dir
 from ..slide import Slide, TileGrid
 from .geojson import write_geojson
 from .ome_tiff import write_ome_tiff
@@ -72,7 +79,19 @@ class SlideOutputPaths:
 
 
 def output_paths(out_dir: Path, stem: str) -> SlideOutputPaths:
-    d = Path(out_dir) / stem
+    return _paths_in(Path(out_dir) / stem, stem)
+
+
+def partial_dir(out_dir: Path, stem: str) -> Path:
+    """Where a run writes a slide's new set until it is complete (hidden, beside OUT/<stem>/)."""
+    return Path(out_dir) / f".{stem}.partial"
+
+
+def _old_dir(out_dir: Path, stem: str) -> Path:
+    return Path(out_dir) / f".{stem}.old"
+
+
+def _paths_in(d: Path, stem: str) -> SlideOutputPaths:
     return SlideOutputPaths(d, d / f"{stem}.h5", d / f"{stem}.geojson.gz", d / "virtual_codex.ome.tif",
                             d / "overview.png", d / "report.json")
 
@@ -104,31 +123,23 @@ class SlideWriter:
         self.region = dict(region) if region else None
         self.overview_markers = overview_markers
         self.started_at = dt.datetime.now(dt.timezone.utc)
-        self.paths = output_paths(out_dir, name or slide.name)
+        stem = name or slide.name
+        self.paths = output_paths(out_dir, stem)
+        if self.paths.dir.exists() and not self.paths.dir.is_dir():
+            raise OutputError(self.paths.dir, "output path exists and is not a directory")
+        self._stage = _paths_in(partial_dir(out_dir, stem), stem)
         self._done = False
-        created = not self.paths.dir.exists()
-        prepare_output_dir(self.paths.dir)
-        self._lock = DirectoryLock(self.paths.dir)
+        self._lock = _lock_partial(self._stage.dir, self.paths.dir)
         try:
-            self._lock.acquire()
-        except BaseException:
-            if created:
-                with contextlib.suppress(OSError):
-                    self.paths.dir.rmdir()
-            raise
-        try:
-            remove_stale_temps(self.paths.dir)  # left by a run that was killed outright (SIGKILL, power)
-            try:
-                self.paths.report.unlink(missing_ok=True)  # incomplete until the new one is written
-            except OSError as e:
-                raise OutputError(self.paths.report, f"cannot remove the previous report: {e.strerror}") from e
+            _recover(Path(out_dir), stem)
+            _clear(self._stage.dir)  # a run killed outright (SIGKILL, power) left it
             self._h5 = ScoresH5(
-                self.paths.h5, slide, grid, bundle_hash=bundle.hash, demo=bundle.demo,
+                self._stage.h5, slide, grid, bundle_hash=bundle.hash, demo=bundle.demo,
                 marker_names=bundle.markers, features_dim=features_dim, mica_bag=mica_bag,
                 extra_attrs={"region": json.dumps(self.region)} if self.region else None,
             )
         except BaseException:
-            self._lock.release()
+            self._discard()
             raise
 
     def append(self, coords: np.ndarray, markers: np.ndarray, features: np.ndarray | None = None) -> None:
@@ -173,7 +184,7 @@ class SlideWriter:
         if mica_attention is not None:
             self._h5.set_mica_attention(mica_attention, "mica_coords" if bag_coords is not None else "coords")
         self._h5.close()
-        p, slide, grid, bundle = self.paths, self.slide, self.grid, self.bundle
+        p, slide, grid, bundle = self._stage, self.slide, self.grid, self.bundle
         about = {"hexfast_version": __version__, "slide": slide.name, "bundle_hash": bundle.hash, "demo": bundle.demo,
                  "tile_size_level0": grid.tile_size, "marker_names": list(bundle.markers), "region": self.region,
                  "mica": ("risk " + format(mica["risk"], ".4g")) if mica and "risk" in mica else None}
@@ -185,7 +196,7 @@ class SlideWriter:
                       bag_coords=bag_coords, bag_attention=mica_attention if bag_coords is not None else None,
                       about=about)
         region_note = {"hexfast:region": json.dumps(self.region)} if self.region else None
-        write_ome_tiff(p.ome_tiff, codex_grid, bundle.markers, grid.stride * slide.mpp, name=p.dir.name,
+        write_ome_tiff(p.ome_tiff, codex_grid, bundle.markers, grid.stride * slide.mpp, name=self.paths.dir.name,
                        cell_px=grid.stride, level0_size=slide.dimensions, annotations=region_note)
         notes = [f"bundle {bundle.hash[:12]}" + (" (DEMO)" if bundle.demo else "")]
         if self.region:
@@ -206,18 +217,45 @@ class SlideWriter:
             extra={"region": self.region} if self.region else None,
         )
         write_report_json(p.report, report)
+        self._swap_in()
         self._done = True
-        self._lock.release()
-        return p.as_dict()
+        return self.paths.as_dict()
 
     def abort(self) -> None:
-        """Drop the partial h5. Files already renamed into place stay, but without
-        report.json the slide is not complete, so --resume redoes it."""
+        """Drop the partial set; OUT/<stem>/ stays exactly as it was (safe to call twice)."""
         if not self._done:
+            self._done = True
             self._h5.abort()
-            self._lock.release()
-            with contextlib.suppress(OSError):  # a first run that failed leaves no empty OUT/<stem>/
-                self.paths.dir.rmdir()
+            self._discard()
+
+    def _swap_in(self) -> None:
+        """The complete new set replaces OUT/<stem>/; files a user added there move over to it."""
+        final, old = self.paths.dir, _old_dir(self.paths.dir.parent, self.paths.dir.name)
+        new_names = {q.name for q in self._stage.as_dict().values()}
+        try:
+            if final.is_dir():
+                os.replace(final, old)
+            try:
+                os.replace(self._stage.dir, final)
+            except OSError:
+                if old.is_dir():
+                    os.replace(old, final)
+                raise
+        except OSError as e:
+            raise OutputError(final, f"cannot put the new outputs in place: {one_line(e.strerror or e)}") from e
+        self._lock.moved_to(final)  # the lock file went with the set; release() removes it there
+        self._lock.release()
+        if old.is_dir():
+            for entry in old.iterdir():
+                if entry.name not in new_names and not entry.name.startswith("."):
+                    os.replace(entry, final / entry.name)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _discard(self) -> None:
+        _clear(self._stage.dir)
+        self._lock.release()
+        with contextlib.suppress(OSError):
+            self._stage.dir.rmdir()  # unless another writer took the lock in between
 
     def __enter__(self) -> SlideWriter:
         return self
@@ -225,6 +263,51 @@ class SlideWriter:
     def __exit__(self, kind, exc, tb) -> None:
         if exc is not None:
             self.abort()
+
+
+def _lock_partial(stage: Path, final: Path) -> DirectoryLock:
+    """The slide's writer lock (OUT/.<stem>.partial/.hexfast.lock); a holder is named as OUT/<stem>."""
+    prepare_output_dir(stage)
+    try:
+        return DirectoryLock(stage).acquire()
+    except OutputError as e:
+        with contextlib.suppress(OSError):
+            stage.rmdir()
+        raise OutputError(final, e.problem) from None
+
+
+def _clear(stage: Path) -> None:
+    """Everything in a partial folder but its lock."""
+    if stage.is_dir():
+        for entry in stage.iterdir():
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+
+
+def _recover(out_dir: Path, stem: str) -> None:
+    """A run killed between the swap's two renames left the previous set in OUT/.<stem>.old/: put it back
+    (no OUT/<stem>/) or delete it (the new set made it in)."""
+    final, old = out_dir / stem, _old_dir(out_dir, stem)
+    if old.is_dir():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
+def drop_partial(out_dir: Path, stem: str) -> None:
+    """What a run killed mid-slide left for OUT/<stem>/ (the partial set), unless a live writer holds it."""
+    stage = partial_dir(out_dir, stem)
+    if not stage.is_dir():
+        return
+    try:
+        lock = DirectoryLock(stage).acquire()
+    except OutputError:
+        return
+    _clear(stage)
+    lock.release()
+    with contextlib.suppress(OSError):
+        stage.rmdir()
 
 
 def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,

@@ -36,8 +36,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..bundle import load_bundle
-from ..errors import HexfastError, OutputError
-from ..files import DirectoryLock, remove_stale_temps
+from ..errors import HexfastError
+from ..outputs.writer import drop_partial
 from ..slide import DEFAULT_MAX_TILES, slide_name
 from .pipeline import Scorer, SlideResult
 
@@ -190,7 +190,7 @@ class RayScorer:
                                     path, _cause(e), attempt + 2, RETRIES + 1)
                         pending.appendleft((path, attempt + 1))
                     else:
-                        _drop_partial_outputs(out / slide_name(path))
+                        drop_partial(out, slide_name(path))
                         yield path, WorkerError(path, f"Ray worker died {attempt + 1} times ({_cause(e)})")
                     continue
                 except ray.exceptions.RayError as e:
@@ -254,17 +254,3 @@ def _cause(e: BaseException) -> str:
         detail = text.split("Worker exit detail:", 1)[-1].split(". ")[0].strip() if "exit detail" in text else ""
         return "its worker process died" + (f": {detail}" if detail else "")
     return text[:200] or type(e).__name__
-
-
-def _drop_partial_outputs(d: Path) -> None:
-    """What a worker killed on its last attempt left in OUT/<stem>/ (as SlideWriter does on the next
-    run), unless some live writer holds the folder."""
-    if not d.is_dir():
-        return
-    try:
-        with DirectoryLock(d):
-            remove_stale_temps(d)
-    except OutputError:
-        return
-    with contextlib.suppress(OSError):
-        d.rmdir()  # only when empty

@@ -227,9 +227,42 @@ def _open(path: Path) -> tuple[Path, openslide.OpenSlide]:
     if openslide.OpenSlide.detect_format(str(path)) is None:
         raise SlideError(path, "not a slide format OpenSlide can read")
     try:
-        return path, openslide.OpenSlide(str(path))
+        osr = openslide.OpenSlide(str(path))
     except openslide.OpenSlideError as e:
         raise SlideError(path, f"cannot open slide: {e}") from e
+    problem = _not_colour_8bit(path)
+    if problem:
+        osr.close()
+        raise SlideError(path, problem)
+    return path, osr
+
+
+# Photometric interpretations of an 8-bit colour brightfield scan (TIFF tag 262): RGB, YCbCr.
+BRIGHTFIELD_PHOTOMETRIC = {2: "RGB", 6: "YCbCr"}
+
+
+def _not_colour_8bit(path: Path) -> str | None:
+    """Why a TIFF-based slide cannot be an H&E scan, from its first image's tags, or None. OpenSlide
+    renders a 5-channel uint16 fluorescence TIFF as nearly white RGB, which would pass for glass: the
+    file's own samples per pixel, bit depth and photometric say what it is. Non-TIFF formats pass."""
+    with open(path, "rb") as f:
+        if f.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            samples, bits, photometric = int(page.samplesperpixel), int(page.bitspersample), int(page.photometric)
+    except Exception:  # noqa: BLE001 - OpenSlide opened it; tifffile's view of odd TIFFs is no reason to refuse
+        return None
+    if samples in (3, 4) and bits == 8 and photometric in BRIGHTFIELD_PHOTOMETRIC:
+        return None
+    kind = {0: "grayscale", 1: "grayscale", 2: "RGB", 3: "palette", 5: "separated (CMYK)", 6: "YCbCr"}
+    layout = (f"{samples} channel{'s' if samples != 1 else ''} of {bits}-bit samples "
+              f"({kind.get(photometric, f'photometric {photometric}')})")
+    return (f"holds {layout}: a fluorescence, multiplex or grayscale image, not an 8-bit colour (RGB) brightfield "
+            f"H&E scan, which HEX needs")
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:

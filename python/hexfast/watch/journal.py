@@ -9,17 +9,26 @@ so two slides of the same name never overwrite each other's outputs.
 
 Written with one connection behind a lock (the inbox scanner and the scoring loop are two threads);
 WAL mode and synchronous=FULL, so a row that says done was on disk before the next slide started.
+
+A file that is not one (garbage, a truncated copy, another program's database) is refused in one line
+naming it; an empty one (0 bytes) opens as an empty journal, and the watcher then reports the output
+folders it does not know instead of scoring their slides again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..errors import HexfastError
+
 JOURNAL = ".hexfast-watch.sqlite"
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is a full disk
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slides (
     id INTEGER PRIMARY KEY,
@@ -73,15 +82,37 @@ class Journal:
         self._taken = set(taken_names)
         self.requeued: list[Entry] = []
         self.retried: list[Entry] = []
+        existed = self.path.exists()
+        self.was_empty = not read_only and existed and self.path.stat().st_size == 0
+        try:
+            self._open(read_only, retry_failed)
+        except sqlite3.DatabaseError as e:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            if not existed:  # e.g. a full disk: leave no empty journal behind
+                for leftover in ("", "-wal", "-shm"):
+                    Path(f"{self.path}{leftover}").unlink(missing_ok=True)
+            raise _journal_error(self.path, e) from None
+
+    def _open(self, read_only: bool, retry_failed: bool) -> None:
         target = f"file:{self.path}?mode=ro" if read_only else str(self.path)
         self._db = sqlite3.connect(target, uri=read_only, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
-        if read_only:
-            return
-        with self._lock:
+        if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "slides" not in tables:  # another program's database: never add our table to it
+            raise sqlite3.DatabaseError(f"a database with other tables ({', '.join(sorted(tables)[:3])})")
+        if not read_only:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(slides)")}
+        if columns != {f.name for f in fields(Entry)}:
+            raise sqlite3.DatabaseError("no table of slides as hexfast writes it")
+        if read_only:
+            return
+        with self._lock:
             self.requeued = [Entry(**r) for r in self._db.execute("SELECT * FROM slides WHERE state = 'running'")]
             self._db.execute("UPDATE slides SET state = 'queued', started_at = NULL WHERE state = 'running'")
             if retry_failed:
@@ -97,21 +128,28 @@ class Journal:
             return self._db.execute("SELECT 1 FROM slides WHERE source = ? AND size = ? AND mtime_ns = ?",
                                     (source, size, mtime_ns)).fetchone() is not None
 
-    def add(self, source: str, size: int, mtime_ns: int, stem: str, state: str = "queued",
-            reason: str | None = None) -> Entry | None:
-        """A newly settled slide (None if it was already there), with a free output name."""
+    def names(self) -> set[str]:
+        """Every output name the journal has given out."""
         with self._lock:
-            used = {r[0] for r in self._db.execute("SELECT name FROM slides")} | self._taken
-            name, n = stem, 1
-            while name in used:
-                n += 1
-                name = f"{stem}-{n}"
+            return {r[0] for r in self._db.execute("SELECT name FROM slides")}
+
+    def add(self, source: str, size: int, mtime_ns: int, stem: str, state: str = "queued",
+            reason: str | None = None, name: str | None = None, tiles: int | None = None) -> Entry | None:
+        """A newly settled slide (None if it was already there), with a free output name (or `name`: the
+        folder already holding its outputs, state done)."""
+        with self._lock:
+            if name is None:
+                used = {r[0] for r in self._db.execute("SELECT name FROM slides")} | self._taken
+                name, n = stem, 1
+                while name in used:
+                    n += 1
+                    name = f"{stem}-{n}"
             now = time.time()
             try:
                 cur = self._db.execute(
-                    "INSERT INTO slides (source, size, mtime_ns, name, state, reason, queued_at, finished_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (source, size, mtime_ns, name, state, reason, now, now if state == "failed" else None))
+                    "INSERT INTO slides (source, size, mtime_ns, name, state, reason, tiles, queued_at, finished_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (source, size, mtime_ns, name, state, reason, tiles, now, now if state != "queued" else None))
             except sqlite3.IntegrityError:
                 return None
             return self._get(cur.lastrowid)
@@ -159,3 +197,16 @@ class Journal:
 
     def _get(self, entry_id: int) -> Entry:
         return Entry(**self._db.execute("SELECT * FROM slides WHERE id = ?", (entry_id,)).fetchone())
+
+
+def _journal_error(path: Path, e: sqlite3.DatabaseError) -> HexfastError:
+    """One line for a journal that cannot be used: a full disk, or a file that is not a journal."""
+    text = str(e)
+    if isinstance(e, sqlite3.OperationalError) and ("disk is full" in text or "disk I/O error" in text):
+        with contextlib.suppress(OSError):  # SQLite says "disk I/O error" when its WAL index finds no room
+            if shutil.disk_usage(path.parent).free < FULL_BELOW:
+                return HexfastError(f"{path}: cannot write the watch journal: No space left on device")
+    if isinstance(e, sqlite3.OperationalError) and "not a database" not in text and "malformed" not in text:
+        return HexfastError(f"{path}: cannot open the watch journal: {text}")
+    return HexfastError(f"{path}: not a hexfast journal ({text}); move it aside to start a new one, and the "
+                        f"watcher will report the output folders it does not know")

@@ -19,6 +19,7 @@ watcher per output folder: OUT/.hexfast.lock says who holds it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from ..errors import HexfastError
 from ..files import DirectoryLock, prepare_output_dir
+from ..outputs import outputs_complete
 from ..score import Cancelled, Scorer
 from ..slide import open_slide, slide_name
 from .inbox import scan
@@ -82,8 +84,10 @@ class Watcher:
         self.settle, self.poll = float(settle), float(poll)
         self._lock = DirectoryLock(self.out).acquire()
         try:  # output folders already here are never written again: new slides get other names
-            self.journal = Journal(self.out, retry_failed=retry_failed,
-                                   taken_names={p.name for p in self.out.iterdir() if p.is_dir()})
+            folders = {p.name for p in self.out.iterdir() if p.is_dir() and not p.name.startswith(".")}
+            self.journal = Journal(self.out, retry_failed=retry_failed, taken_names=folders)
+            self.unknown = sorted(folders - self.journal.names())
+            self._scored_before = _scored_slides(self.out, self.unknown)
         except BaseException:
             self._lock.release()
             raise
@@ -111,6 +115,12 @@ class Watcher:
             self.event("requeued", slide=entry.source, name=entry.name, reason="interrupted: redone from scratch")
         for entry in self.journal.retried:
             self.event("requeued", slide=entry.source, name=entry.name, reason="--retry-failed")
+        if self.unknown:  # the journal was lost, emptied or replaced: say so, and never score those slides again
+            log.warning("%s: %d output folder(s) unknown to %s%s: %s; a slide whose outputs one holds is not "
+                        "scored again", self.out, len(self.unknown), self.journal.path,
+                        " (it was empty)" if self.journal.was_empty else "", ", ".join(self.unknown[:10]))
+            self.event("unknown_outputs", folders=self.unknown, journal=str(self.journal.path),
+                       journal_was_empty=self.journal.was_empty)
         self.event("watching", inbox=str(self.inbox), out=str(self.out), settle_s=self.settle,
                    model=str(self.scorer.bundle.path), engine=self.scorer.describe(), demo=self.scorer.bundle.demo)
         scanner = threading.Thread(target=self._scan_loop, name="hexfast-inbox", daemon=True)
@@ -206,6 +216,9 @@ class Watcher:
                 continue
             if not c.complete or now - since < self.settle:
                 continue
+            if source in self._scored_before:
+                self._adopt(c, source)
+                continue
             problem = _open_problem(c.path)
             entry = self.journal.add(source, c.size, c.mtime_ns, slide_name(c.path),
                                      state="failed" if problem else "queued", reason=problem)
@@ -221,12 +234,33 @@ class Watcher:
         for gone in set(self._settling) - present:  # removed before it settled
             del self._settling[gone]
 
+    def _adopt(self, c, source: str) -> None:
+        """A slide scored before the journal lost it: journaled as done with its folder, not scored again."""
+        name, tiles = self._scored_before.pop(source)
+        reason = f"already scored into {name}/, a folder the journal did not know; not scored again"
+        entry = self.journal.add(source, c.size, c.mtime_ns, name, state="done", reason=reason, name=name, tiles=tiles)
+        self._settling.pop(c.path, None)
+        if entry is not None:
+            self.event("skipped", slide=source, name=name, reason=reason)
+
     def _requeue_taken(self, why: str) -> None:
         while self._taken:
             entry = self._taken.popleft()
             self.journal.requeue(entry.id)
             self.event("requeued", slide=entry.source, name=entry.name, reason=f"{why}: redone at the next start")
         self.current = None
+
+
+def _scored_slides(out: Path, names: list[str]) -> dict[str, tuple[str, int]]:
+    """{slide path: (folder, tiles)} for the folders among `names` holding a complete set whose report
+    names the slide it was made from."""
+    found = {}
+    for name in names:
+        if outputs_complete(out, name):
+            with contextlib.suppress(Exception):
+                report = json.loads((out / name / "report.json").read_text(encoding="utf-8"))
+                found[str(report["slide"]["path"])] = (name, int(report["tile_count"]))
+    return found
 
 
 def _open_problem(path: Path) -> str | None:
