@@ -573,3 +573,142 @@ def test_colour_slides_still_open(cmu_small, fixture_slide):
     for path in (cmu_small, fixture_slide("boxes.tiff"), fixture_slide("small.svs")):
         with hexfast.open_slide(path, mpp=0.5) as slide:
             assert slide.dimensions[0] > 0
+
+
+# ---------------------------------------------------------------------------- 7. --roi / --region edge cases
+
+
+def square(x0, y0, side, z=None):
+    ring = [[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side], [x0, y0]]
+    return [p + [z] for p in ring] if z is not None else ring
+
+
+def polygon_file(path: Path, ring_text: str) -> Path:
+    path.write_text('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [' + ring_text + ']}}')
+    return path
+
+
+@pytest.mark.parametrize("text", ["nan,0,100,100", "0,0,inf,100", "0,-inf,100,100", "0,0,100,NaN", "1e999,0,10,10"])
+def test_a_region_of_non_finite_numbers_is_one_line(text, tmp_path, cmu_small):
+    from test_trust import error_line
+
+    for args in (["--region", text], [f"--region={text}"]):
+        r = hexfast_cli("score", cmu_small, *args, "-o", tmp_path / "out")
+        error_line(r, f"--region '{text}'", "finite")
+
+
+@pytest.mark.parametrize("case", ["deep", "digits", "strings", "booleans", "infinite", "not-a-list", "huge-int"])
+def test_a_bad_roi_is_one_line_naming_the_file(case, tmp_path, cmu_small):
+    from test_trust import error_line
+
+    roi = tmp_path / "roi.geojson"
+    if case == "deep":
+        roi.write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "digits":
+        polygon_file(roi, '[[0, 0], [1' + "0" * 5000 + ', 0], [10, 10], [0, 0]]')
+    elif case == "strings":
+        polygon_file(roi, json.dumps([[[str(x), str(y)] for x, y in square(0, 0, 500)]])[1:-1])
+    elif case == "booleans":
+        polygon_file(roi, '[[true, false], [1, 0], [1, 1], [0, 0]]')
+    elif case == "infinite":
+        polygon_file(roi, '[[0, 0], [1' + "0" * 400 + '.0, 0], [10, 10], [0, 0]]')
+    elif case == "not-a-list":
+        polygon_file(roi, '"abc"')
+    else:
+        polygon_file(roi, '[[0, 0], [1' + "0" * 400 + ', 0], [10, 10], [0, 0]]')
+    r = hexfast_cli("score", cmu_small, "--roi", roi, "-o", tmp_path / "out")
+    line = error_line(r, str(roi))
+    assert "internal error" not in line and len(line) < 400, line
+
+
+def test_positions_with_a_z_are_read_as_x_y(tmp_path, cmu_small):
+    from hexfast.slide.region import read_roi
+
+    plain, with_z = tmp_path / "xy.geojson", tmp_path / "xyz.geojson"
+    plain.write_text(json.dumps({"type": "Polygon", "coordinates": [square(200, 300, 1500)]}))
+    with_z.write_text(json.dumps({"type": "Polygon", "coordinates": [square(200, 300, 1500, z=7.5)]}))
+    a, b = read_roi(plain), read_roi(with_z)
+    np.testing.assert_array_equal(a.polygons[0][0], b.polygons[0][0])
+    with hexfast.open_slide(cmu_small) as slide:
+        grid = hexfast.tile_slide(slide, min_tissue=0.0)
+    inside = a.contains_squares(grid.coords, grid.tile_size)
+    assert inside.sum() == b.contains_squares(grid.coords, grid.tile_size).sum() > 40
+
+
+# ---------------------------------------------------------------------------- 8. a manifest edited by hand
+
+
+def edit_manifest(bundle: Path, edit) -> Path:
+    from test_trust import relist
+
+    relist(bundle, edit)
+    return bundle / "manifest.json"
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("h_path-width", "models.mica.inputs.h_path.shape [\"tiles\", \"x\"] needs a positive whole number at position 1"),
+    ("shape-int", "models.hex.outputs.markers.shape must be a list"),
+    ("outputs-string", "models.hex.outputs must be an object"),
+    ("spec-list", "models.mica.inputs.h_codex must be an object"),
+    ("zero-dim", "models.codex_encoder.outputs.features.shape must be a list of sizes"),
+    ("dtype-number", "models.hex.inputs.tiles.dtype must be a type name"),
+])
+def test_a_hand_edited_manifest_is_one_line_naming_it(case, fragment, tmp_path, cmu_small):
+    from test_trust import error_line
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+
+    def edit(m):
+        models = m["models"]
+        if case == "h_path-width":
+            models["mica"]["inputs"]["h_path"]["shape"] = ["tiles", "x"]
+        elif case == "shape-int":
+            models["hex"]["outputs"]["markers"]["shape"] = 40
+        elif case == "outputs-string":
+            models["hex"]["outputs"] = "markers"
+        elif case == "spec-list":
+            models["mica"]["inputs"]["h_codex"] = [40, 384]
+        elif case == "zero-dim":
+            models["codex_encoder"]["outputs"]["features"]["shape"] = [40, 0]
+        else:
+            models["hex"]["inputs"]["tiles"]["dtype"] = 8
+
+    manifest = edit_manifest(bundle, edit)
+    for args in (["score", cmu_small, "--model", bundle, "-o", tmp_path / "out"], ["build-engines", bundle]):
+        r = hexfast_cli(*args)
+        line = error_line(r, str(manifest), fragment)
+        assert "internal error" not in line
+
+
+def test_the_torch_refusal_names_the_bundle_and_the_file(tmp_path, cmu_small):
+    from test_trust import error_line, without_programs
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE, bundle)
+    without_programs(bundle)
+    r = hexfast_cli("score", cmu_small, "--model", bundle, "--backend", "torch", "-o", tmp_path / "out")
+    error_line(r, f"{bundle / 'manifest.json'} lists none for hex.onnx", "never loaded")
+
+
+# ---------------------------------------------------------------------------- 9. a closed pipe is a normal end
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_info_into_a_closed_pipe_exits_0_quietly(json_flag, cmu_small, fixture_slide):
+    read, write = os.pipe()
+    os.close(read)  # `| head -1` that has already exited: every write meets EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "hexfast", "info", *json_flag, cmu_small,
+                               fixture_slide("small.svs"), cmu_small], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
+def test_info_piped_to_head_exits_0(cmu_small, fixture_slide):
+    slides = " ".join(f"'{p}'" for p in [cmu_small, fixture_slide("small.svs")] * 200)
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' -m hexfast info {slides} | head -1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.count("\n") == 1, (r.returncode, r.stderr)

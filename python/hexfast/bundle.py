@@ -236,11 +236,41 @@ def _validate(manifest: Any, where: Path) -> None:
         for precision, file in [*entry["files"].items(), *programs.items()]:
             if file not in files:
                 _fail_manifest(where, f"model '{name}' {precision} file {file} is not among the listed files")
+        for side in ("inputs", "outputs"):
+            _validate_tensors(entry.get(side, {}), f"models.{name}.{side}", where)
+    for (model, side, tensor, axis) in FIXED_DIMS:
+        spec = models.get(model, {}).get(side, {}).get(tensor)
+        if model in models and spec is not None:
+            dim = spec["shape"][axis] if -len(spec["shape"]) <= axis < len(spec["shape"]) else None
+            if not (type(dim) is int and dim > 0):
+                _fail_manifest(where, f"models.{model}.{side}.{tensor}.shape {json.dumps(spec['shape'])} needs a positive "
+                                      f"whole number at position {axis % max(1, len(spec['shape']))}")
     width = models["hex"].get("outputs", {}).get("markers", {}).get("shape", [None, len(markers)])[-1]
     if width != len(markers):
         _fail_manifest(where, f"the hex model gives {width} markers but the manifest names {len(markers)}")
     if "mica" in models:
         _validate_mica_features(manifest, where)
+
+
+# Dimensions hexfast reads from the manifest as sizes: (model, side, tensor, axis).
+FIXED_DIMS = (("hex", "outputs", "markers", -1), ("mica", "inputs", "h_path", 1),
+              ("mica", "inputs", "coattn_mean_in", 1), ("codex_encoder", "inputs", "codex", 0))
+
+
+def _validate_tensors(tensors: Any, key: str, where: Path) -> None:
+    """{tensor: {"dtype": str, "shape": [positive int or a symbolic name, ...]}}."""
+    if not isinstance(tensors, Mapping):
+        _fail_manifest(where, f"{key} must be an object of tensor: {{dtype, shape}}, not {json.dumps(tensors)[:40]}")
+    for tensor, spec in tensors.items():
+        if not isinstance(spec, Mapping):
+            _fail_manifest(where, f"{key}.{tensor} must be an object with a shape, not {json.dumps(spec)[:40]}")
+        shape = spec.get("shape")
+        if not (isinstance(shape, list)
+                and all((type(d) is int and d > 0) or (isinstance(d, str) and d) for d in shape)):
+            _fail_manifest(where, f"{key}.{tensor}.shape must be a list of sizes and dimension names, not "
+                                  f"{json.dumps(shape)[:40]}")
+        if "dtype" in spec and not isinstance(spec["dtype"], str):
+            _fail_manifest(where, f"{key}.{tensor}.dtype must be a type name such as \"float32\"")
 
 
 def _validate_mica_features(manifest: Mapping, where: Path) -> None:

@@ -60,6 +60,8 @@ def for_each_slide(args, work) -> int:
     for path in dict.fromkeys(slide_source(p) for p in args.slides):
         try:
             work(path)
+        except BrokenPipeError:  # the reader (`| head`) has gone: a normal end, for main to close
+            raise
         except Exception as e:
             if args.debug:
                 raise

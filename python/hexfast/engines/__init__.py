@@ -153,7 +153,7 @@ def _auto_problem(backend: str, files: _Files, precision: str):
     if backend == "trt":
         return _trt.plan_problem(files.plan_dir, files.onnx_path, precision) or _trt.problem()
     if backend == "torch":
-        return _torch.problem(files.program) or _machine_problem("torch")
+        return _torch.problem(files.program, model=files.model) or _machine_problem("torch")
     return _machine_problem(backend)
 
 
@@ -161,6 +161,9 @@ def _create(backend: str, files: _Files, precision: str, threads, device_id) -> 
     if backend == "trt":
         return _trt.TrtEngine(files.model, precision=precision, plan_dir=files.plan_dir, device_id=device_id)
     if backend == "torch":
+        missing = _torch.problem(files.program, model=files.model)
+        if missing is not None:
+            raise missing
         return _torch.TorchEngine(files.program, precision=precision, threads=threads, device_id=device_id,
                                   output_names=files.output_names, cuda_graphs=files.cuda_graphs)
     return _ort.OrtEngine(files.model, backend, precision=precision, plan_dir=files.plan_dir, threads=threads,

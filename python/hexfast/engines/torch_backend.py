@@ -72,13 +72,19 @@ def cuda_build_and_gpu() -> bool:
     return "+cpu" not in version and "+rocm" not in version and devices.device_count() > 0
 
 
-def problem(program, backend: str = "torch") -> BackendUnavailable | None:
-    """Why the torch backend cannot run `program` (a bundle's ListedFile, a .pt2 path, or None)."""
+def problem(program, backend: str = "torch", model=None) -> BackendUnavailable | None:
+    """Why the torch backend cannot run `program` (a bundle's ListedFile, a .pt2 path, or None) for
+    `model` (the ONNX file it stands beside, named in the message)."""
     if not installed():
         return BackendUnavailable(backend, "needs torch (pip install torch, from the index that matches the machine)")
     if program is None:
+        where = ""
+        if model is not None:
+            onnx = Path(getattr(model, "path", model))
+            where = f" ({onnx.parent / 'manifest.json'} lists none for {onnx.name}; an unlisted .pt2 is never loaded)"
         return BackendUnavailable(backend, "needs a torch.export program (.pt2) the bundle's manifest lists, and this "
-                                           "bundle lists none for the model (torch cannot run ONNX); use ort-* or trt")
+                                           f"bundle lists none for the model{where}; torch cannot run ONNX: use ort-* "
+                                           "or trt")
     return None
 
 

@@ -13,6 +13,7 @@ its holes (even-odd rule on each ring; a point on an edge may fall either way).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HexfastError
-from ..files import sha256_file
+from ..files import one_line, sha256_file
 
 
 class RegionError(HexfastError):
@@ -89,6 +90,8 @@ def parse_rectangle(text: str) -> Region:
     except ValueError:
         raise RegionError(f"--region {text!r}: expected X,Y,W,H in level-0 pixels, e.g. 10000,8000,4096,4096") \
             from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise RegionError(f"--region {text!r}: X, Y, W and H must be finite numbers of level-0 pixels")
     if not (w > 0 and h > 0) or min(x, y) < 0:
         raise RegionError(f"--region {text!r}: width and height must be positive and X, Y not negative")
     ring = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], np.float64)
@@ -102,21 +105,28 @@ def read_roi(path: str | os.PathLike) -> Region:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise RegionError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RegionError(f"{path}: is not GeoJSON ({e})") from None
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: JSON's own, and numbers of over 4300 digits
+        raise RegionError(f"{path}: is not GeoJSON ({one_line(e)})") from None
+    except RecursionError:
+        raise RegionError(f"{path}: is not GeoJSON (nested too deeply)") from None
     polygons = []
-    for geometry in _geometries(data, path):
+    try:
+        geometries = list(_geometries(data, path))
+    except RecursionError:
+        raise RegionError(f"{path}: is not GeoJSON (nested too deeply)") from None
+    for geometry in geometries:
         kind = geometry.get("type") if isinstance(geometry, dict) else None
         try:
             if kind == "Polygon":
                 polygons.append(_polygon(geometry["coordinates"]))
             elif kind == "MultiPolygon":
-                polygons.extend(_polygon(p) for p in geometry["coordinates"])
+                polygons.extend(_polygon(p) for p in _list(geometry["coordinates"]))
             else:
                 raise RegionError(f"{path}: holds a {kind or 'non-geometry'} object; a region is made of Polygons "
                                   "and MultiPolygons (QuPath annotations)")
-        except (KeyError, TypeError, ValueError):
-            raise RegionError(f"{path}: a {kind}'s coordinates are not lists of [x, y] rings") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise RegionError(f"{path}: a {kind}'s coordinates are not rings of [x, y] positions in finite "
+                              f"numbers ({e})") from None
     if not polygons:
         raise RegionError(f"{path}: holds no polygon to score")
     return Region("roi", tuple(polygons), os.fspath(path), sha256_file(path))
@@ -140,10 +150,29 @@ def _geometries(data, path: Path):
 
 
 def _polygon(coordinates) -> tuple:
-    rings = tuple(np.asarray(ring, np.float64).reshape(-1, 2) for ring in coordinates)
+    rings = tuple(_ring(ring) for ring in _list(coordinates))
     if not rings or any(len(r) < 3 for r in rings):
-        raise ValueError("degenerate ring")
+        raise ValueError("a ring has fewer than 3 positions")
     return rings
+
+
+def _ring(ring) -> np.ndarray:
+    """(K, 2) float64 from GeoJSON positions [x, y] or [x, y, z] (z, an altitude, is not ours: dropped)."""
+    out = np.empty((len(_list(ring)), 2), np.float64)
+    for i, position in enumerate(ring):
+        if not (isinstance(position, list) and len(position) in (2, 3)
+                and all(type(v) in (int, float) for v in position)):  # type(): True is not a coordinate
+            raise ValueError(f"position {i} is {str(position)[:40]}")
+        out[i] = position[0], position[1]
+    if not np.isfinite(out).all():
+        raise ValueError("a position is infinite")
+    return out
+
+
+def _list(value) -> list:
+    if not isinstance(value, list):
+        raise TypeError(f"{type(value).__name__} where a list belongs")
+    return value
 
 
 def _in_ring(points: np.ndarray, ring: np.ndarray) -> np.ndarray:
