@@ -712,3 +712,66 @@ def test_info_piped_to_head_exits_0(cmu_small, fixture_slide):
     r = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' -m hexfast info {slides} | head -1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stderr == "" and r.stdout.count("\n") == 1, (r.returncode, r.stderr)
+
+
+# ---------------------------------------------------------------------------- also seen
+
+
+@pytest.mark.parametrize("cut", [10_000, 800_000, 1_400_000, 1_900_000])
+def test_a_truncated_svs_says_it_is_truncated(cut, tmp_path, cmu_small):
+    from hexfast.watch.watcher import _open_problem
+
+    slide = tmp_path / "cut.svs"
+    slide.write_bytes(cmu_small.read_bytes()[:cut])
+    problem = _open_problem(slide)  # what the watcher quarantines it with
+    assert problem.startswith("is truncated:") and f"{cut:,}-byte file" in problem, problem
+    r = hexfast_cli("score", slide, "-o", tmp_path / "out")
+    assert r.returncode == 2 and "is truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_image_cut_inside_its_data_says_so(tmp_path):
+    import tifffile
+
+    slide = tmp_path / "cut.tif"
+    rgb = np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), np.uint8)
+    tifffile.imwrite(slide, rgb, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER", metadata=None)
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages.first
+        assert page.offset < min(page.dataoffsets)  # the directory before the data: a cut leaves it whole
+    slide.write_bytes(slide.read_bytes()[:-100_000])
+    with pytest.raises(hexfast.SlideError, match="is truncated: its image data runs to byte"):
+        hexfast.open_slide(slide)
+
+
+def test_a_refused_run_leaves_no_empty_output_folder(tmp_path, cmu_small):
+    r = hexfast_cli("score", tmp_path / "nonexistent.svs", cwd=tmp_path)
+    assert r.returncode == 2 and not (tmp_path / "hexfast-out").exists()
+    r = hexfast_cli("score", cmu_small, "--region", "nan,0,1,1", "-o", tmp_path / "o2")
+    assert r.returncode == 2 and not (tmp_path / "o2").exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    r = hexfast_cli("score", tmp_path / "nonexistent.svs", "-o", existing)
+    assert r.returncode == 2 and existing.is_dir()  # a folder the user made stays
+
+
+class Payload:
+    """What a booby-trapped checkpoint pickles beside its tensors (its reduce would run a command)."""
+
+
+def test_a_pickle_checkpoint_is_refused_without_suggesting_to_trust_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    from hexfast_export.checkpoints import CheckpointError, read_state_dict
+
+    evil = tmp_path / "hex_heads.pth"
+    torch.save({"model": Payload(), "head.weight": torch.zeros(2)}, evil)
+    with pytest.raises(CheckpointError) as caught:
+        read_state_dict(evil)
+    text = str(caught.value)
+    assert text.startswith(f"{evil}: holds Python objects") and "Payload" in text and "refuses it" in text
+    assert "weights_only" not in text and "trust the source" not in text and "\n" not in text
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError) as caught:
+        read_state_dict(junk)
+    assert "not a torch checkpoint" in str(caught.value) and "weights_only" not in str(caught.value)

@@ -22,6 +22,7 @@ Entry points: `load_musk`, `load_hex` (full checkpoint, `--hex`),
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -112,6 +113,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = load_file(str(p), device="cpu")
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text suggests weights_only=False: never pass that on
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise CheckpointError(p, "cannot be read as a weights-only checkpoint (not a torch checkpoint, or a "
+                                     "damaged one)") from None
+        raise CheckpointError(p, f"holds Python objects ({found.group(1)}) besides tensors, which would run code "
+                                 "when loaded; hexfast reads weights only and refuses it: save just the state_dict "
+                                 "(or convert it to .safetensors) on a machine where you trust the file") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(p, f"cannot be read as a weights-only checkpoint ({first})") from None

@@ -6,6 +6,7 @@ slides finish, and each becomes a line, a warning or an error, and a row of the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import sys
 import time
@@ -140,7 +141,17 @@ def cmd_score(args) -> int:
         from ..score.cluster import import_ray
 
         import_ray()  # not installed: one line, before anything else happens
+    created = not Path(args.out).exists()
     out = prepare_output_dir(args.out)
+    try:
+        return _score_into(args, out)
+    finally:
+        if created:  # a run refused before any slide was written leaves no empty OUT behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _score_into(args, out: Path) -> int:
     slides, problems = expand_slides(args.slides)
     missing = [p for p in slides if not p.exists()]  # fail these before loading a model for them
     if missing and args.debug:

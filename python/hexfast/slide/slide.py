@@ -9,6 +9,8 @@ outputs carry: the file's stem, or the series folder's name."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -225,12 +227,13 @@ def _open(path: Path) -> tuple[Path, openslide.OpenSlide]:
     except OSError as e:
         raise SlideError(path, f"cannot read file: {e.strerror}") from e
     if openslide.OpenSlide.detect_format(str(path)) is None:
-        raise SlideError(path, "not a slide format OpenSlide can read")
+        raise SlideError(path, _truncated(path) or "not a slide format OpenSlide can read")
     try:
         osr = openslide.OpenSlide(str(path))
     except openslide.OpenSlideError as e:
-        raise SlideError(path, f"cannot open slide: {e}") from e
-    problem = _not_colour_8bit(path)
+        cut = _tiff_problem(path)
+        raise SlideError(path, cut if cut and cut.startswith("is truncated") else f"cannot open slide: {e}") from e
+    problem = _tiff_problem(path)
     if problem:
         osr.close()
         raise SlideError(path, problem)
@@ -241,21 +244,35 @@ def _open(path: Path) -> tuple[Path, openslide.OpenSlide]:
 BRIGHTFIELD_PHOTOMETRIC = {2: "RGB", 6: "YCbCr"}
 
 
-def _not_colour_8bit(path: Path) -> str | None:
-    """Why a TIFF-based slide cannot be an H&E scan, from its first image's tags, or None. OpenSlide
-    renders a 5-channel uint16 fluorescence TIFF as nearly white RGB, which would pass for glass: the
-    file's own samples per pixel, bit depth and photometric say what it is. Non-TIFF formats pass."""
+TIFF_MAGIC = {b"II*\0": 4, b"MM\0*": 4, b"II+\0": 8, b"MM\0+": 8}  # -> size of the first-directory offset
+
+
+def _tiff_problem(path: Path) -> str | None:
+    """Why a TIFF-based slide OpenSlide opened cannot be scored, from its tags, or None. Its image data
+    must lie inside the file (a copy cut short opens, and fails tiles later); it must be 8-bit colour:
+    OpenSlide renders a 5-channel uint16 fluorescence TIFF as nearly white RGB, which would pass for
+    glass, so the file's own samples per pixel, bit depth and photometric say what it is. Other
+    formats pass."""
     with open(path, "rb") as f:
-        if f.read(4) not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        if f.read(4) not in TIFF_MAGIC:
             return None
+    cut = _directory_past_end(path)
+    if cut is not None:
+        return cut
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with _quiet("tifffile"), tifffile.TiffFile(path) as tif:
             page = tif.pages.first
             samples, bits, photometric = int(page.samplesperpixel), int(page.bitspersample), int(page.photometric)
+            end = max((int(o) + int(n) for p in tif.pages for o, n in zip(p.dataoffsets, p.databytecounts)),
+                      default=0)
     except Exception:  # noqa: BLE001 - OpenSlide opened it; tifffile's view of odd TIFFs is no reason to refuse
         return None
+    size = path.stat().st_size
+    if end > size:
+        return (f"is truncated: its image data runs to byte {end:,}, and the file ends at byte {size:,} "
+                f"(a copy cut short?)")
     if samples in (3, 4) and bits == 8 and photometric in BRIGHTFIELD_PHOTOMETRIC:
         return None
     kind = {0: "grayscale", 1: "grayscale", 2: "RGB", 3: "palette", 5: "separated (CMYK)", 6: "YCbCr"}
@@ -263,6 +280,53 @@ def _not_colour_8bit(path: Path) -> str | None:
               f"({kind.get(photometric, f'photometric {photometric}')})")
     return (f"holds {layout}: a fluorescence, multiplex or grayscale image, not an 8-bit colour (RGB) brightfield "
             f"H&E scan, which HEX needs")
+
+
+def _truncated(path: Path) -> str | None:
+    """For a file OpenSlide does not recognise: what is wrong with it, when it is empty or a TIFF."""
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        if f.read(4) not in TIFF_MAGIC:
+            return None
+    return _tiff_problem(path) or "a TIFF that OpenSlide does not read as a slide (damaged, or not a whole-slide image)"
+
+
+def _directory_past_end(path: Path, most: int = 100_000) -> str | None:
+    """Follows a TIFF's chain of image directories; says where the first one the file cannot hold lies."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = "little" if head[:2] == b"II" else "big"
+        big = TIFF_MAGIC[head[:4]] == 8
+        if not big and size >= 1 << 32:  # NDPI: 32-bit offsets with their high bits kept elsewhere
+            return None
+        count_bytes, entry_bytes, offset_bytes = (8, 20, 8) if big else (2, 12, 4)
+        offset = int.from_bytes(head[8:16] if big else head[4:8], order)
+        for _ in range(most):
+            if offset == 0:
+                return None
+            f.seek(offset)
+            count = int.from_bytes(f.read(count_bytes), order)
+            end = offset + count_bytes + count * entry_bytes + offset_bytes
+            if end > size:
+                return (f"is truncated: an image directory runs to byte {end:,}, past the end of the {size:,}-byte "
+                        f"file (a copy cut short?)")
+            f.seek(end - offset_bytes)
+            offset = int.from_bytes(f.read(offset_bytes), order)
+    return None
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """A library's log records kept off the terminal (its warnings about a damaged file are ours to word)."""
+    log = logging.getLogger(logger)
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
