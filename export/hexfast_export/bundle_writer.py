@@ -240,6 +240,42 @@ def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], No
     return entry
 
 
+def _cpu_variants(work: Path, models: dict, tiles: list[np.ndarray], names: tuple[str, ...],
+                  log: Callable[[str], None]) -> dict:
+    """hex.int8.onnx and the bf16 program, measured against the fp32 ONNX graph (cpu_variants.py)."""
+    from . import cpu_variants as cv
+
+    unknown = set(names) - set(cv.RUNTIMES)
+    if unknown:
+        raise ExportError(f"unknown CPU variant(s) {', '.join(sorted(unknown))}; hexfast makes {', '.join(cv.RUNTIMES)}")
+    shown = cv.fidelity_tiles(tiles)
+
+    def runner(session):
+        return lambda t: dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {"tiles": t})))
+
+    ref = cv.reference(runner(onnx_session(work / models["hex"]["files"]["fp32"])), shown)
+    ref_risk = cv.sample_bag_risk(ref["markers"], ref["embedding"], shown, work, models)
+    variants = {}
+    if "int8" in names:
+        file = "hex.int8.onnx"
+        nodes = cv.quantize_int8(work / models["hex"]["files"]["fp32"], work / file)
+        record = cv.measure("int8", runner(onnx_session(work / file)), shown, ref, ref_risk, work, models, log)
+        variants["int8"] = {"file": file, "quantized_matmuls": len(nodes), **record}
+    if "bf16" in names:
+        from hexfast.engines.torch_backend import load_program as on_device
+
+        file = models["hex"]["programs"]["bf16"]
+        module = on_device(load_program(work / file), "cpu")
+
+        def run_bf16(t: np.ndarray) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                return {k: o.float().numpy() for k, o in zip(OUTPUT_NAMES, module(torch.from_numpy(t)))}
+
+        record = cv.measure("bf16", run_bf16, shown, ref, ref_risk, work, models, log)
+        variants["bf16"] = {"program": file, **record}
+    return variants
+
+
 def _streamed_parity(mica: Mica, work: Path, files: dict[str, str], bags, log: Callable[[str], None]) -> dict:
     figures_by_precision = {}
     for precision, file in files.items():
@@ -262,14 +298,17 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
                  clam_patching: dict | None = None, sources: dict[str, str | os.PathLike] | None = None,
                  demo: bool = False, fp16: bool = True, bf16: bool = False, parity_tiles: list[np.ndarray] | None = None,
                  codex_quantisation: str = "scale", codex_resize_order: str = "pillow12",
-                 extra: dict | None = None, created: str | None = None,
+                 cpu_variants: tuple[str, ...] = ("int8", "bf16"), extra: dict | None = None, created: str | None = None,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """Export the models to ONNX (fp32, and fp16 when `fp16`) and torch.export programs (fp32; HEX also
     fp16 / bf16 when asked), check parity, write the bundle to `out` atomically (built in a temporary
     directory beside it, then renamed). Returns the manifest.
 
     With `mica`, `mica_features` must say what its bag is: "resnet50-trunc" (then `he_features`, the
-    encoder, and `clam_patching`, CLAM's patching parameters, default its defaults) or "hex-embedding"."""
+    encoder, and `clam_patching`, CLAM's patching parameters, default its defaults) or "hex-embedding".
+
+    `cpu_variants`: HEX at reduced precision for CPUs ("int8": hex.int8.onnx; "bf16": the bf16 program), each
+    with its fidelity against the fp32 graph in models.hex.cpu_variants (cpu_variants.py)."""
     out = Path(out)
     _check_mica_features(mica, mica_features, he_features)
     _check_target(out)
@@ -282,7 +321,7 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
         tiles = default_parity_tiles() + list(parity_tiles or [])
         batches = _by_size(tiles)
         models: dict[str, dict] = {}
-        hex_precisions = ("fp32",) + ("fp16",) * fp16 + ("bf16",) * bf16
+        hex_precisions = ("fp32",) + ("fp16",) * fp16 + ("bf16",) * (bf16 or "bf16" in cpu_variants)
         models["hex"] = _export_model(
             "hex", work, fp16, lambda p: export_hex_onnx(hex_model, p), HexGraph(hex_model), OUTPUT_NAMES,
             [{"tiles": b} for b in batches], log, lambda p, precision: export_hex_program(hex_model, p, precision),
@@ -324,6 +363,8 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
                 f"{len(tiles) + len(crops)} real H&E tiles ({len(crops)} of them cropped to 256 px, CLAM's patch)")
             models["he_features"]["tile"] = {"px": CLAM_PATCH, "level": 0, "target_px": TARGET_PATCH_SIZE}
             models["he_features"]["input_normalisation"] = HE_FEATURES_NORMALISATION
+        if cpu_variants:
+            models["hex"]["cpu_variants"] = _cpu_variants(work, models, tiles, cpu_variants, log)
         manifest = {
             "schema": SCHEMA,
             "demo": bool(demo),

@@ -13,7 +13,7 @@ from ..slide import open_slide
 from . import console
 from .types import backend_list, positive_float, positive_int, positive_int_list
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def add_bench_commands(sub, common: argparse.ArgumentParser, parser_class) -> None:

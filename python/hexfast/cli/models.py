@@ -79,6 +79,10 @@ def add_model_commands(sub, common: argparse.ArgumentParser) -> None:
     export.add_argument("--fp16", action="store_true",
                         help="also write fp16 ONNX files (float32 inputs/outputs) and an fp16 HEX torch program")
     export.add_argument("--bf16", action="store_true", help="also write a bf16 HEX torch program (for the GPU)")
+    export.add_argument("--cpu-variants", type=_variants, default=("int8", "bf16"), metavar="LIST",
+                        help="HEX at reduced precision for CPUs, each measured against fp32 on the parity tiles and "
+                             "recorded in the manifest: int8 (hex.int8.onnx), bf16 (the bf16 torch program); "
+                             "'none' for neither (default int8,bf16)")
     export.add_argument("--parity-tiles", type=Path, metavar="DIR",
                         help="extra H&E tile images for the HEX parity check (beside the built-in CMU-1 tiles)")
     export.add_argument("--codex-uint8", choices=("scale", "truncate"), default="scale",
@@ -165,6 +169,14 @@ def _check_mica_args(args) -> None:
         _file(path)
 
 
+def _variants(text: str) -> tuple[str, ...]:
+    names = () if text.strip() == "none" else tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in names if v not in ("int8", "bf16")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown CPU variant {unknown[0]!r}: choose from int8, bf16, or none")
+    return names
+
+
 def cmd_export(args) -> int:
     given = {k: getattr(args, k) for k in ("musk", "hex_heads", "hex", "dinov2", "mica")}
     if args.demo:
@@ -244,6 +256,7 @@ def cmd_export(args) -> int:
     manifest = write_bundle(args.out, hex_model=hex_model, codex_encoder=encoder, mica=mica,
                             mica_features=args.mica_features if mica is not None else None, he_features=he_features,
                             clam_patching=clam, sources=sources, demo=args.demo, fp16=args.fp16, bf16=args.bf16,
+                            cpu_variants=args.cpu_variants,
                             parity_tiles=tiles, codex_quantisation=args.codex_uint8,
                             codex_resize_order=args.codex_resize_order, extra=extra, log=log)
     size = sum((args.out / f).stat().st_size for f in manifest["files"])

@@ -35,8 +35,11 @@ def engine_options() -> argparse.ArgumentParser:
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--model", type=Path, help="model bundle directory (default: the bundled, untrained demo model)")
     run.add_argument("--backend", choices=BACKENDS, default="auto", help="inference backend (default: fastest available)")
-    run.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
-                     help="HEX's precision (the slide-level models always run fp32)")
+    run.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16", "int8"), default="fp32",
+                     help="HEX's precision (default fp32; the slide-level models always run fp32). On a GPU: fp16 or "
+                          "bf16. On a CPU: int8 (VNNI/AMX-INT8) or bf16 (AVX512-BF16/AMX), the bundle's CPU variants "
+                          "with the fidelity its export measured; auto picks the fastest this CPU runs fast whose "
+                          "variant is fit")
     run.add_argument("--device", type=non_negative_int, default=0, metavar="N", help="CUDA device (default 0)")
     run.add_argument("--cuda-graphs", action="store_true",
                      help="torch backend on a GPU: replay CUDA graphs captured per batch shape")

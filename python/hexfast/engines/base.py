@@ -15,7 +15,7 @@ from .errors import EngineClosedError, EngineError
 
 log = logging.getLogger("hexfast.engines")
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # int8: a graph quantized at export, run as it is
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ PROVIDER = {
     "ort-cuda": "CUDAExecutionProvider",
     "ort-cpu": "CPUExecutionProvider",
 }
-PRECISIONS = {"ort-trt": ("fp32", "fp16", "bf16"), "ort-cuda": ("fp32",), "ort-cpu": ("fp32",)}
+PRECISIONS = {"ort-trt": ("fp32", "fp16", "bf16"), "ort-cuda": ("fp32",), "ort-cpu": ("fp32", "int8")}
 
 _NEEDS_PACKAGE = {
     "ort-cpu": "needs onnxruntime (pip install onnxruntime; on a CUDA machine onnxruntime-gpu instead, never both)",

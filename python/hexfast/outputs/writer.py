@@ -113,14 +113,17 @@ class SlideWriter:
         mica_bag: tuple[int, int, Mapping] | None = None,
         region: Mapping | None = None,
         name: str | None = None,
+        precision: Mapping | None = None,
     ):
         """settings: the options that changed these outputs (report.json's "settings"; --resume
         compares them). mica_bag: (patches, feature width, mica_coords attributes) of MICA's bag.
         region: the scored part of the slide (slide.region.Region.describe()), said by every output.
-        name: the output folder's and files' name (default the slide's: OUT/<stem>/)."""
+        name: the output folder's and files' name (default the slide's: OUT/<stem>/). precision: what HEX
+        ran at and its recorded fidelity (score.precision.HexPrecision.describe()), said by report.json and the h5."""
         self.slide, self.grid, self.bundle, self.backend = slide, grid, bundle, backend
         self.settings = dict(settings or {})
         self.region = dict(region) if region else None
+        self.precision = dict(precision) if precision else None
         self.overview_markers = overview_markers
         self.started_at = dt.datetime.now(dt.timezone.utc)
         stem = name or slide.name
@@ -136,11 +139,15 @@ class SlideWriter:
             self._h5 = ScoresH5(
                 self._stage.h5, slide, grid, bundle_hash=bundle.hash, demo=bundle.demo,
                 marker_names=bundle.markers, features_dim=features_dim, mica_bag=mica_bag,
-                extra_attrs={"region": json.dumps(self.region)} if self.region else None,
+                extra_attrs=self._attrs(),
             )
         except BaseException:
             self._discard()
             raise
+
+    def _attrs(self) -> dict | None:
+        attrs = {k: json.dumps(v) for k, v in (("region", self.region), ("hex_precision", self.precision)) if v}
+        return attrs or None
 
     def append(self, coords: np.ndarray, markers: np.ndarray, features: np.ndarray | None = None) -> None:
         self._h5.append(coords, markers, features)
@@ -214,7 +221,7 @@ class SlideWriter:
             bundle_manifest=bundle.manifest, mica=mica, started_at=self.started_at, tile_count=len(coords),
             skipped=skipped, tiles_per_s=tiles_per_s, settings=self.settings,
             outputs={k: v.name for k, v in p.as_dict().items() if k != "report"},
-            extra={"region": self.region} if self.region else None,
+            extra={k: v for k, v in (("region", self.region), ("hex_precision", self.precision)) if v} or None,
         )
         write_report_json(p.report, report)
         self._swap_in()

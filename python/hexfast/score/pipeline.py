@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import MANIFEST, Bundle, BundleError, load_bundle
+from ..bundle import MANIFEST, Bundle, BundleError, MissingModelError, load_bundle
 from ..engines import BackendUnavailable, Engine, create_engine
 from ..engines.build import engine_key
 from ..engines.devices import gpu_name
@@ -46,6 +46,7 @@ from ..stream import TileStream
 from .codex_grid import codex_encoder_input, virtual_codex
 from .mica_bag import MicaBag, find_bag, open_bag
 from .mica_stream import CHUNK_TILES, stream_mica
+from .precision import choose as choose_precision
 from .tile_pass import Cancelled, HexTiles, run_he_features, run_hex
 
 log = logging.getLogger("hexfast.pipeline")
@@ -157,7 +158,10 @@ class Scorer:
         def engine(name: str, precision: str):
             return open_engine(self.bundle, name, backend, precision, engine_threads, device, cuda_graphs)
 
-        self.hex = engine("hex", precision)
+        self.hex_precision = choose_precision(self.bundle, backend, precision)
+        self.precision = self.hex_precision.precision
+        self.hex = open_engine(self.bundle, "hex", self.hex_precision.backend, self.precision, engine_threads, device,
+                               cuda_graphs)
         # The slide-level models run once per slide (under 1 % of the work): always fp32, which keeps
         # MICA's online softmax and the CODEX encoder's quantisation exact.
         self.codex_encoder = engine("codex_encoder", "fp32") if self.bundle.has("codex_encoder") else None
@@ -177,7 +181,7 @@ class Scorer:
                                                         self.bundle.path / MANIFEST)
             self.he_features = engine("he_features", "fp32")
         self.backend = self.hex.backend
-        log.info("HEX engine: %s", self.hex.describe())
+        log.info("HEX engine: %s; precision %s (%s)", self.hex.describe(), self.precision, self.hex_precision.why)
 
     def describe(self) -> str:
         """The HEX engine, one line: backend, runtime, precision, device."""
@@ -329,7 +333,8 @@ class Scorer:
         region = self.region.describe(slide.mpp) if self.region is not None else None
         if out is not None:
             writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings,
-                                 mica_bag=self._bag_spec(prep), region=region, name=name)
+                                 mica_bag=self._bag_spec(prep), region=region, name=name,
+                                 precision=self.hex_precision.describe())
         try:
             tiles = run_hex(prep.stream, self.hex, writer, slide.path, len(grid), progress, cancelled)
             seconds = {**prep.seconds, **tiles.seconds}
@@ -456,6 +461,19 @@ def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str
     the ones the manifest promises (else a one-line BundleError). CUDA graphs are used for the
     per-tile models only: they pad a short batch, which a slide-level model's rows would feel."""
     program = bundle.program_file(name, precision)
+    if precision == "int8":  # HEX's CPU variant, quantized at export (score.precision)
+        variant = bundle.model(name).get("cpu_variants", {}).get("int8")
+        if variant is None:
+            raise MissingModelError(bundle.path / MANIFEST, f"the bundle has no int8 CPU variant of {name}; export "
+                                                            f"it again (hexfast export writes it)")
+        engine = create_engine(bundle.listed(variant["file"]), backend, precision="int8", threads=threads,
+                               output_names=list(bundle.model(name).get("outputs", {})) or None)
+        try:
+            _check_outputs(bundle, name, engine)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
     if backend == "torch" and program is None and bundle.program_file(name) is not None:
         raise BackendUnavailable("torch", f"needs a {precision} torch.export program of the {name} model, and the "
                                           f"bundle has none (export it with --{precision}), or use --precision fp32")
