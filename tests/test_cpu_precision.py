@@ -177,3 +177,54 @@ def test_auto_on_the_cli_says_what_it_chose(cmu_small, tmp_path):
     report = json.loads((tmp_path / "out" / cmu_small.stem / "report.json").read_text())
     assert report["hex_precision"]["precision"] == "int8" and report["hex_precision"]["chosen"].startswith("auto")
     assert report["settings"]["precision"] == "int8"
+
+
+def test_the_recorded_int8_fidelity_is_what_the_variant_does_here():
+    """Recomputed with the runtime's own engines and numpy's corrcoef: the manifest's figures are the
+    variant's (within what another CPU's int8 kernels move)."""
+    pytest.importorskip("torch")
+    from hexfast.score import open_engine
+    from hexfast_export.bundle_writer import default_parity_tiles
+    from hexfast_export.cpu_variants import fidelity_tiles
+
+    bundle = load_bundle()
+    recorded = bundle.model("hex")["cpu_variants"]["int8"]["fidelity"]
+    tiles = fidelity_tiles(default_parity_tiles())
+    outs = {}
+    for precision in ("fp32", "int8"):
+        with open_engine(bundle, "hex", "ort-cpu", precision) as engine:
+            outs[precision] = np.concatenate([engine.run({"tiles": t[None]})["markers"] for t in tiles])
+    ref, got = outs["fp32"], outs["int8"]
+    pearson = [np.corrcoef(ref[:, c], got[:, c])[0, 1] for c in range(ref.shape[1])]
+    np.testing.assert_allclose(pearson, recorded["markers_pearson"], atol=3e-3)
+    of_range = float((np.abs(got - ref) / (ref.max(0) - ref.min(0))).max())
+    assert recorded["markers_max_abs_of_range"] / 2 <= of_range <= 2 * recorded["markers_max_abs_of_range"]
+
+
+def test_fidelity_figures_against_numpy():
+    from hexfast_export.cpu_variants import fidelity, is_fit
+
+    rng = np.random.default_rng(3)
+    ref = {"markers": rng.normal(size=(30, 40)), "embedding": rng.normal(size=(30, 64))}
+    noisy = {k: v + rng.normal(scale=0.05, size=v.shape) for k, v in ref.items()}
+    f = fidelity(ref, noisy)
+    expected = [np.corrcoef(ref["markers"][:, c], noisy["markers"][:, c])[0, 1] for c in range(40)]
+    np.testing.assert_allclose(f["markers_pearson"], expected, atol=1e-6)
+    e, g = ref["embedding"], noisy["embedding"]
+    cos = (e * g).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(g, axis=1)
+    assert f["embedding_cosine_min"] == pytest.approx(cos.min(), abs=1e-6)
+    span = ref["markers"].max(0) - ref["markers"].min(0)
+    assert f["markers_max_abs_of_range"] == pytest.approx((np.abs(noisy["markers"] - ref["markers"]) / span).max(),
+                                                          rel=1e-2)
+    assert not is_fit(f) and is_fit(fidelity(ref, ref))
+
+
+def test_export_without_cpu_variants_and_a_bad_name(tmp_path):
+    pytest.importorskip("torch")
+    r = hexfast("export", "--demo", "--size", "tiny", "--mica-features", "hex-embedding", "--cpu-variants", "none",
+                "-o", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    b = load_bundle(tmp_path / "b")
+    assert "cpu_variants" not in b.model("hex") and not (tmp_path / "b" / "hex.int8.onnx").exists()
+    r = hexfast("export", "--demo", "--size", "tiny", "--cpu-variants", "int4", "-o", tmp_path / "c")
+    assert r.returncode == 2 and "unknown CPU variant 'int4'" in r.stderr

@@ -269,11 +269,14 @@ def _row(kernel: str, dtype: str, n: int, timed: tuple[float, float], cpu: bool 
     return row
 
 
-def measure_peak(device: str = "cpu", n: int | None = None, seconds: float = 2.0) -> PeakResult:
+def measure_peak(device: str = "cpu", n: int | None = None, seconds: float = 2.0,
+                 dtypes: tuple[str, ...] = ("fp32",)) -> PeakResult:
     """Dense matmul TFLOP/s (best of several runs) on this machine, by every route available.
 
     cpu: float32 n×n GEMM through numpy, torch (if installed) and ONNX Runtime's MatMul (the
-    kernel the ort-cpu engine uses). cuda: torch.matmul in fp16, bf16, and fp32 with TF32."""
+    kernel the ort-cpu engine uses); with "int8" in `dtypes` ONNX Runtime's MatMulInteger (the int8
+    engine's kernel; a multiply-add of int8 counts as 2 operations), with "bf16" torch's bf16 matmul
+    (the bf16 CPU variant's). cuda: torch.matmul in fp16, bf16, and fp32 with TF32."""
     if device == "cuda":
         return _peak_cuda(n or 8192, seconds)
     n = n or 2048
@@ -296,8 +299,24 @@ def measure_peak(device: str = "cpu", n: int | None = None, seconds: float = 2.0
         session = _ort_matmul_session()
         rows.append(_row("onnxruntime MatMul (MLAS)", "fp32", n,
                          _time_gemm(lambda: session.run(None, {"a": a, "b": b}), flops, seconds)))
+        if "int8" in dtypes:  # what hex.int8.onnx runs: uint8 activations x int8 weights, int32 sums
+            qa = rng.integers(0, 256, (n, n), dtype=np.uint8)
+            qb = rng.integers(-128, 128, (n, n), dtype=np.int8)
+            integer = _ort_matmul_session("MatMulInteger")
+            rows.append(_row("onnxruntime MatMulInteger (MLAS, u8 x s8)", "int8", n,
+                             _time_gemm(lambda: integer.run(None, {"a": qa, "b": qb}), flops, seconds)))
     except ImportError:
         pass
+    if "bf16" in dtypes:
+        try:
+            import torch
+
+            ha, hb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
+            with torch.inference_mode():
+                rows.append(_row(f"torch {torch.__version__} matmul (oneDNN)", "bf16", n,
+                                 _time_gemm(lambda: torch.matmul(ha, hb), flops, seconds)))
+        except ImportError:
+            pass
     return PeakResult(device=f"cpu: {cpu_name()} ({os.cpu_count()} logical CPUs)", rows=rows)
 
 
@@ -309,15 +328,17 @@ def _numpy_blas() -> str:
         return "BLAS"
 
 
-def _ort_matmul_session():
+def _ort_matmul_session(op: str = "MatMul"):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    a, b, c = ((TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32) if op == "MatMulInteger"
+               else (TensorProto.FLOAT,) * 3)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", "k"]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["k", "n"])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["m", "n"])])
+        [helper.make_node(op, ["a", "b"], ["c"])], "gemm",
+        [helper.make_tensor_value_info("a", a, ["m", "k"]),
+         helper.make_tensor_value_info("b", b, ["k", "n"])],
+        [helper.make_tensor_value_info("c", c, ["m", "n"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
     options = ort.SessionOptions()
