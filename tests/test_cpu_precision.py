@@ -228,3 +228,16 @@ def test_export_without_cpu_variants_and_a_bad_name(tmp_path):
     assert "cpu_variants" not in b.model("hex") and not (tmp_path / "b" / "hex.int8.onnx").exists()
     r = hexfast("export", "--demo", "--size", "tiny", "--cpu-variants", "int4", "-o", tmp_path / "c")
     assert r.returncode == 2 and "unknown CPU variant 'int4'" in r.stderr
+
+
+def test_resume_with_auto_knows_what_auto_chose(cmu_small, tmp_path):
+    import os
+
+    env = dict(os.environ, **{devices.CPU_FLAGS_ENV: AMX})
+    bundle = fit_copy(tmp_path, "int8")
+    args = ["score", cmu_small, "--model", bundle, "-o", tmp_path / "out", "--backend", "ort-cpu", "--precision", "auto"]
+    assert hexfast(*args, env=env).returncode == 0
+    again = hexfast(*args, "--resume", env=env)
+    assert again.returncode == 0 and "1 of 1 slides already complete" in again.stderr, again.stderr
+    other = hexfast(*args[:-2], "--precision", "fp32", "--resume", env=env)
+    assert other.returncode == 0 and "already complete" not in other.stderr  # fp32 is another setting

@@ -168,9 +168,13 @@ def _score_into(args, out: Path) -> int:
     todo = [p for p in slides if p not in missing]
     args.region_obj = _region(args, todo)
     if args.resume:  # a slide scored with other weights or other settings is not "done"
-        bundle_hash = load_bundle(args.model).hash
+        from ..score.precision import choose
+
+        bundle = load_bundle(args.model)
+        bundle_hash = bundle.hash
+        precision = choose(bundle, args.backend, args.precision).precision  # what auto resolves to here
         settings = score_settings(stride=args.stride, mpp=args.mpp, stain_norm=args.stain_norm,
-                                  precision=args.precision, mica_bag=args.mica_bag, region=args.region_obj)
+                                  precision=precision, mica_bag=args.mica_bag, region=args.region_obj)
         done = [p for p in todo if outputs_complete(out, slide_name(p), bundle_hash=bundle_hash, settings=settings)]
         for path in done:
             summary.add(Row(path.name, "done before", detail=str(out / slide_name(path))))
