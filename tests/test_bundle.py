@@ -57,7 +57,10 @@ def test_default_bundle_is_the_shipped_demo():
         assert b.program_file(name) is not None and b.program_file(name).path.is_file()
     assert b.program_file("hex", "fp16") is not None and b.program_file("mica", "fp16") is None
     size = sum(p.stat().st_size for p in b.path.iterdir())
-    assert size < 14e6, size  # ~13 MB inside the wheel: ONNX fp32 + fp16, programs fp32 (+ HEX fp16)
+    assert size < 18e6, size  # ~17 MB inside the wheel: ONNX fp32 + fp16, programs fp32 (+ HEX fp16), and
+    # HEX's CPU variants (hex.int8.onnx, hex.bf16.pt2)
+    assert b.listed(b.model("hex")["cpu_variants"]["int8"]["file"]).path.is_file()
+    assert b.program_file("hex", "bf16") is not None
 
 
 def test_manifest_records_parity_within_tolerance():

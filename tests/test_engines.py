@@ -183,11 +183,11 @@ def test_unavailable_backends_say_what_is_missing(model, backend):
 def test_unknown_backend_and_precision(model):
     with pytest.raises(EngineError, match="unknown backend 'cuda'"):
         create_engine(model, "cuda")
-    with pytest.raises(EngineError, match="precision 'int8'"):
-        create_engine(model, "ort-cpu", precision="int8")
+    with pytest.raises(EngineError, match="precision 'int4'"):
+        create_engine(model, "ort-cpu", precision="int4")
     with pytest.raises(EngineError) as info:
         create_engine(model, "ort-cpu", precision="fp16")
-    assert "ort-cpu runs fp32 only" in assert_one_line(info.value)
+    assert "ort-cpu runs fp32/int8 only" in assert_one_line(info.value)
     if not HAS_GPU:
         with pytest.raises(BackendUnavailable) as info:
             create_engine(model, precision="fp16")

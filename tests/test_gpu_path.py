@@ -60,7 +60,7 @@ def test_torch_engine_submit_collect_and_precisions_agree_with_onnx(tmp_path):
     tiles = np.random.default_rng(0).integers(0, 256, (6, 224, 224, 3), dtype=np.uint8)
     with open_engine(bundle, "hex", "ort-cpu") as ort:
         ref = ort.run({"tiles": tiles})
-    for precision, tolerance in (("fp32", 1e-5), ("fp16", 1e-2)):
+    for precision, tolerance in (("fp32", 1e-5), ("fp16", 1e-2), ("bf16", 5e-2)):
         with open_engine(bundle, "hex", "torch", precision) as engine:
             assert engine.backend == "torch" and precision in engine.describe()
             handles = [engine.submit({"tiles": tiles[:3]}), engine.submit({"tiles": tiles[3:]})]  # two in flight
@@ -70,8 +70,22 @@ def test_torch_engine_submit_collect_and_precisions_agree_with_onnx(tmp_path):
                 assert joined.dtype == np.float32
                 rel = np.abs(joined - ref[name]).max() / np.abs(ref[name]).max()
                 assert rel <= tolerance, (precision, name, rel)
-    with pytest.raises(hexfast.HexfastError, match="bf16"):  # the demo bundle has no bf16 program
-        open_engine(bundle, "hex", "torch", "bf16")
+    import shutil
+
+    from test_trust import relist
+
+    copy = tmp_path / "no-bf16"
+    shutil.copytree(bundle.path, copy)
+
+    def edit(m):
+        m["models"]["hex"]["programs"].pop("bf16")
+        m["models"]["hex"].pop("cpu_variants")
+        m["files"].pop("hex.bf16.pt2")
+
+    relist(copy, edit)
+    (copy / "hex.bf16.pt2").unlink()
+    with pytest.raises(hexfast.HexfastError, match="bf16"):  # a bundle without a bf16 program
+        open_engine(load_bundle(copy), "hex", "torch", "bf16")
 
 
 def test_scoring_with_the_torch_backend_equals_onnx_runtime(tmp_path):

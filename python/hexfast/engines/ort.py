@@ -103,8 +103,8 @@ class OrtEngine(Engine):
         if missing is not None:
             raise missing
         if precision not in PRECISIONS[backend]:
-            raise EngineError(f"{backend} runs the ONNX graph as exported (fp32); {precision} needs trt, ort-trt "
-                              f"or torch")
+            raise EngineError(f"{backend} runs the ONNX graph as exported (fp32, or the int8 graph an export "
+                              f"quantized); {precision} needs trt, ort-trt or torch")
         check_model_file(self.model_path)
         source = str(self.model_path) if listed is None else single_file_onnx(listed)
         self._ort = ort = import_ort()
