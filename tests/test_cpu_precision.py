@@ -76,6 +76,9 @@ def test_what_each_cpu_may_run(cpu):
     cpu("fpu sse4_2")
     with pytest.raises(EngineError, match="int8 needs at least AVX2"):
         hex_precision.choose(bundle, "auto", "int8")
+    cpu("")  # a system that lists no CPU features (not Linux): what is asked for runs, auto stays fp32
+    assert "not checked" in hex_precision.choose(bundle, "auto", "int8").why
+    assert hex_precision.choose(bundle, "auto", "auto").precision == "fp32"
     cpu(AMX)
     assert hex_precision.choose(bundle, "auto", "bf16").backend == "torch"
     with pytest.raises(EngineError, match="fp16 runs on a GPU"):

@@ -8,6 +8,7 @@ models.hex.cpu_variants, see hexfast_export.cpu_variants): int8 (hex.int8.onnx, 
     fp32   the fp32 ONNX graph (ort-cpu)
     int8   needs VNNI (AVX512-VNNI, AVX-VNNI) or AMX-INT8 to be fast; runs on plain AVX2 too
     bf16   needs AVX512-BF16 or AMX-BF16: elsewhere it is emulated and slower than fp32, so it is refused
+           (where the system lists no CPU features, e.g. not Linux, a precision asked for by name runs unchecked)
     auto   bf16 where it is fast, torch is installed and its variant is fit; else int8 where it is fast and fit;
            else fp32. An unfit variant (a marker below the export's Pearson floor) is never picked by auto;
            asked for by name, it runs with a warning.
@@ -78,14 +79,16 @@ def choose(bundle: Bundle, backend: str, precision: str) -> HexPrecision:
     if variant is None:
         raise MissingModelError(bundle.path / "manifest.json", f"the bundle has no {precision} CPU variant of HEX; "
                                                                f"export it again (hexfast export writes int8 and bf16)")
-    missing = _cannot_run(precision, flags)
+    missing = _cannot_run(precision, flags) if flags else None  # no flags to read (not Linux): as asked
     if missing:
         raise EngineError(missing)
     if precision == "bf16" and not _torch.installed():
         raise BackendUnavailable("torch", "runs HEX's bf16 CPU variant and is not installed (pip install torch, "
                                           "the CPU build); or use --precision int8")
     why = "asked for"
-    if not any(f in flags for f in FAST[precision]):
+    if not flags:
+        why += " (this system does not list the CPU's features: not checked)"
+    elif not any(f in flags for f in FAST[precision]):
         why += f" (slow here: this CPU has no {UNITS[precision]})"
     if not variant.get("fit"):
         figure = variant.get("fidelity", {}).get("markers_pearson_min")
