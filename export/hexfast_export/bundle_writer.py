@@ -253,7 +253,7 @@ def _cpu_variants(work: Path, models: dict, tiles: list[np.ndarray], names: tupl
     def runner(session):
         return lambda t: dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {"tiles": t})))
 
-    ref = cv.reference(runner(onnx_session(work / models["hex"]["files"]["fp32"])), shown)
+    ref = cv.run_tiles(runner(onnx_session(work / models["hex"]["files"]["fp32"])), shown)
     ref_risk = cv.sample_bag_risk(ref["markers"], ref["embedding"], shown, work, models)
     variants = {}
     if "int8" in names:

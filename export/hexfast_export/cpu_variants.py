@@ -120,7 +120,7 @@ def measure(name: str, run: Callable[[np.ndarray], dict[str, np.ndarray]], tiles
             ref: dict[str, np.ndarray], ref_risk: float | None, work: Path, models: dict,
             log: Callable[[str], None]) -> dict:
     """One variant's fidelity record (the manifest's models.hex.cpu_variants[name])."""
-    got = _run_tiles(run, tiles)
+    got = run_tiles(run, tiles)
     figures = fidelity(ref, got)
     if ref_risk is not None:
         risk = sample_bag_risk(got["markers"], got["embedding"], tiles, work, models)
@@ -135,13 +135,10 @@ def measure(name: str, run: Callable[[np.ndarray], dict[str, np.ndarray]], tiles
     return {"runtime": RUNTIMES[name], "fidelity": figures, "fit": fit, "floor": dict(FLOOR)}
 
 
-def _run_tiles(run: Callable[[np.ndarray], dict[str, np.ndarray]], tiles: list[np.ndarray]) -> dict[str, np.ndarray]:
-    outs = [run(t[None]) for t in tiles]  # one at a time: the tiles come in several sizes
+def run_tiles(run: Callable[[np.ndarray], dict[str, np.ndarray]], tiles: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """markers and embedding of every tile, one at a time (the tiles come in several sizes)."""
+    outs = [run(t[None]) for t in tiles]
     return {k: np.concatenate([o[k] for o in outs]) for k in ("markers", "embedding")}
-
-
-def reference(run: Callable[[np.ndarray], dict[str, np.ndarray]], tiles: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return _run_tiles(run, tiles)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

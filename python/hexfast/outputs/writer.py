@@ -145,9 +145,12 @@ class SlideWriter:
             self._discard()
             raise
 
+    def _described(self) -> dict:
+        """What every run-level output says beyond the slide: the region scored, HEX's precision."""
+        return {k: v for k, v in (("region", self.region), ("hex_precision", self.precision)) if v}
+
     def _attrs(self) -> dict | None:
-        attrs = {k: json.dumps(v) for k, v in (("region", self.region), ("hex_precision", self.precision)) if v}
-        return attrs or None
+        return {k: json.dumps(v) for k, v in self._described().items()} or None
 
     def append(self, coords: np.ndarray, markers: np.ndarray, features: np.ndarray | None = None) -> None:
         self._h5.append(coords, markers, features)
@@ -221,7 +224,7 @@ class SlideWriter:
             bundle_manifest=bundle.manifest, mica=mica, started_at=self.started_at, tile_count=len(coords),
             skipped=skipped, tiles_per_s=tiles_per_s, settings=self.settings,
             outputs={k: v.name for k, v in p.as_dict().items() if k != "report"},
-            extra={k: v for k, v in (("region", self.region), ("hex_precision", self.precision)) if v} or None,
+            extra=self._described() or None,
         )
         write_report_json(p.report, report)
         self._swap_in()
@@ -259,10 +262,7 @@ class SlideWriter:
             shutil.rmtree(old, ignore_errors=True)
 
     def _discard(self) -> None:
-        _clear(self._stage.dir)
-        self._lock.release()
-        with contextlib.suppress(OSError):
-            self._stage.dir.rmdir()  # unless another writer took the lock in between
+        _empty_and_unlock(self._stage.dir, self._lock)
 
     def __enter__(self) -> SlideWriter:
         return self
@@ -281,6 +281,14 @@ def _lock_partial(stage: Path, final: Path) -> DirectoryLock:
         with contextlib.suppress(OSError):
             stage.rmdir()
         raise OutputError(final, e.problem) from None
+
+
+def _empty_and_unlock(stage: Path, lock: DirectoryLock) -> None:
+    """A partial folder's contents, its lock, then the folder (unless another writer took it in between)."""
+    _clear(stage)
+    lock.release()
+    with contextlib.suppress(OSError):
+        stage.rmdir()
 
 
 def _clear(stage: Path) -> None:
@@ -311,10 +319,7 @@ def drop_partial(out_dir: Path, stem: str) -> None:
         lock = DirectoryLock(stage).acquire()
     except OutputError:
         return
-    _clear(stage)
-    lock.release()
-    with contextlib.suppress(OSError):
-        stage.rmdir()
+    _empty_and_unlock(stage, lock)
 
 
 def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,

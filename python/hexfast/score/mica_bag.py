@@ -140,8 +140,9 @@ def _check_finite(path: Path, features: h5py.Dataset) -> None:
 
 def _patch_size(path: Path, value) -> int:
     try:
-        patch = int(np.asarray(value).item())
-        ok = float(np.asarray(value).item()) == patch and 1 <= patch <= 1 << 16
+        item = np.asarray(value).item()
+        patch = int(item)
+        ok = float(item) == patch and 1 <= patch <= 1 << 16
     except (TypeError, ValueError):
         ok = False
     if not ok:

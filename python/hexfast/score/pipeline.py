@@ -461,23 +461,11 @@ def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str
     the ones the manifest promises (else a one-line BundleError). CUDA graphs are used for the
     per-tile models only: they pad a short batch, which a slide-level model's rows would feel."""
     program = bundle.program_file(name, precision)
-    if precision == "int8":  # HEX's CPU variant, quantized at export (score.precision)
-        variant = bundle.model(name).get("cpu_variants", {}).get("int8")
-        if variant is None:
-            raise MissingModelError(bundle.path / MANIFEST, f"the bundle has no int8 CPU variant of {name}; export "
-                                                            f"it again (hexfast export writes it)")
-        engine = create_engine(bundle.listed(variant["file"]), backend, precision="int8", threads=threads,
-                               output_names=list(bundle.model(name).get("outputs", {})) or None)
-        try:
-            _check_outputs(bundle, name, engine)
-        except BaseException:
-            engine.close()
-            raise
-        return engine
     if backend == "torch" and program is None and bundle.program_file(name) is not None:
         raise BackendUnavailable("torch", f"needs a {precision} torch.export program of the {name} model, and the "
                                           f"bundle has none (export it with --{precision}), or use --precision fp32")
-    engine = create_engine(bundle.model_file(name), backend, precision=precision, plan_dir=_plan_dir(bundle, backend),
+    model = _int8_file(bundle, name) if precision == "int8" else bundle.model_file(name)
+    engine = create_engine(model, backend, precision=precision, plan_dir=_plan_dir(bundle, backend),
                            threads=threads, device_id=device, program=program,
                            output_names=list(bundle.model(name).get("outputs", {})) or None,
                            cuda_graphs=cuda_graphs and name in PER_TILE_MODELS)
@@ -487,6 +475,15 @@ def open_engine(bundle: Bundle, name: str, backend: str = "auto", precision: str
         engine.close()
         raise
     return engine
+
+
+def _int8_file(bundle: Bundle, name: str):
+    """The model's int8 CPU variant, quantized at export (score.precision)."""
+    variant = bundle.model(name).get("cpu_variants", {}).get("int8")
+    if variant is None:
+        raise MissingModelError(bundle.path / MANIFEST, f"the bundle has no int8 CPU variant of {name}; export it "
+                                                        f"again (hexfast export writes it)")
+    return bundle.listed(variant["file"])
 
 
 def _check_outputs(bundle: Bundle, name: str, engine: Engine) -> None:

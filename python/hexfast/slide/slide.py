@@ -240,8 +240,9 @@ def _open(path: Path) -> tuple[Path, openslide.OpenSlide]:
     return path, osr
 
 
-# Photometric interpretations of an 8-bit colour brightfield scan (TIFF tag 262): RGB, YCbCr.
-BRIGHTFIELD_PHOTOMETRIC = {2: "RGB", 6: "YCbCr"}
+# TIFF tag 262 (photometric interpretation); a brightfield scan is 8-bit RGB or YCbCr.
+PHOTOMETRIC = {0: "grayscale", 1: "grayscale", 2: "RGB", 3: "palette", 5: "separated (CMYK)", 6: "YCbCr"}
+BRIGHTFIELD_PHOTOMETRIC = (2, 6)
 
 
 TIFF_MAGIC = {b"II*\0": 4, b"MM\0*": 4, b"II+\0": 8, b"MM\0+": 8}  # -> size of the first-directory offset
@@ -275,9 +276,8 @@ def _tiff_problem(path: Path) -> str | None:
                 f"(a copy cut short?)")
     if samples in (3, 4) and bits == 8 and photometric in BRIGHTFIELD_PHOTOMETRIC:
         return None
-    kind = {0: "grayscale", 1: "grayscale", 2: "RGB", 3: "palette", 5: "separated (CMYK)", 6: "YCbCr"}
     layout = (f"{samples} channel{'s' if samples != 1 else ''} of {bits}-bit samples "
-              f"({kind.get(photometric, f'photometric {photometric}')})")
+              f"({PHOTOMETRIC.get(photometric, f'photometric {photometric}')})")
     return (f"holds {layout}: a fluorescence, multiplex or grayscale image, not an 8-bit colour (RGB) brightfield "
             f"H&E scan, which HEX needs")
 
