@@ -83,16 +83,16 @@ def tile_index(tx: np.ndarray | int, ty: np.ndarray | int, n: int):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texture", type=Path, required=True, help="a real H&E slide to take tissue texture from")
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    ap.add_argument("--width", type=int, default=100_000)
-    ap.add_argument("--height", type=int, default=80_000)
-    ap.add_argument("--mpp", type=float, default=0.25)
-    ap.add_argument("--tissue", type=float, default=0.3, help="fraction of the glass covered by tissue")
-    ap.add_argument("--quality", type=int, default=80)
+    ap.add_argument("-o", "--out", type=Path, required=True, help="the slide to write (.tif or .svs)")
+    ap.add_argument("--width", type=int, default=100_000, help="level-0 width in px (default 100000)")
+    ap.add_argument("--height", type=int, default=80_000, help="level-0 height in px (default 80000)")
+    ap.add_argument("--mpp", type=float, default=0.25, help="µm per level-0 px (default 0.25: 40x; 0.5: 20x)")
+    ap.add_argument("--tissue", type=float, default=0.3, help="fraction of the glass covered by tissue (default 0.3)")
+    ap.add_argument("--quality", type=int, default=80, help="JPEG quality (default 80)")
     ap.add_argument("--encoding", choices=sorted(ENCODINGS), default="jfif",
                     help="level-0 JPEG tiles: jfif = YCbCr 4:2:0 (Pillow's default), aperio = RGB 4:4:4 as Aperio "
-                         "scanners write (heavier to decode)")
-    ap.add_argument("--seed", type=int, default=0)
+                         "scanners write (heavier to decode); default jfif")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the tissue layout (default 0)")
     args = ap.parse_args(argv)
 
     start = time.perf_counter()

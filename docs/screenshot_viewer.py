@@ -1,10 +1,12 @@
-"""Makes docs/viewer.png: `hexfast view` on CMU-1-Small-Region scored with the demo bundle, in headless chromium.
+"""Makes docs/viewer.png (`hexfast view` on CMU-1-Small-Region scored with the demo bundle, in headless chromium
+at 1366x768, a laptop's screen) and docs/overview.png (that slide's overview.png).
 
     python docs/screenshot_viewer.py [OUT/<stem>]     (default: scores ../shared/data's CMU-1-Small-Region into a temp dir)
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,7 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1366,768",
                 "--force-device-scale-factor=1"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
@@ -58,6 +60,8 @@ def main() -> None:
         settle()
         driver.save_screenshot(str(ROOT / "docs" / "viewer.png"))
         print(ROOT / "docs" / "viewer.png")
+        shutil.copy(out / "overview.png", ROOT / "docs" / "overview.png")
+        print(ROOT / "docs" / "overview.png")
     finally:
         driver.quit()
         server.shutdown()

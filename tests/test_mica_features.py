@@ -416,7 +416,6 @@ def test_export_refuses_to_guess_micas_configuration(tmp_path):
                    "cannot tell")
     one_line_error(hexfast(*common, "--mica-pooling", "gap", "--mica-features", "resnet50-trunc", *out),
                    "needs --resnet50")
-    one_line_error(hexfast("export", "--demo", "-o", tmp_path / "d"), "MICA needs --mica-features")
     one_line_error(hexfast("export", "--demo", "--mica-features", "hex-embedding", "--resnet50", tmp_path / "x.pth",
                            "-o", tmp_path / "d"), "go with --mica-features resnet50-trunc")
     from hexfast_export.checkpoints import CheckpointError, load_mica

@@ -371,7 +371,7 @@ def test_report_json(scored, tmp_path):
     write_report_json(tmp_path / "report.json", report)
     r = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert list(r)[0] == "warning" and DEMO_WARNING in r["warning"] and r["demo"] is True
-    assert r["tile_count"] == n and r["tiles_per_s"] == pytest.approx(n / 2.0)
+    assert r["tile_count"] == n and r["tiles_per_s"] == pytest.approx(n / 2.0) and r["seconds"]["total"] == 2.0
     assert r["backend"] == "onnxruntime-cpu"
     assert r["slide"]["vendor"] == "generic-tiff" and r["slide"]["dimensions"] == [2400, 1800]
     assert r["slide"]["mpp"] == pytest.approx(0.5) and r["slide"]["tile_size_level0"] == 112
@@ -505,7 +505,7 @@ def test_slide_outputs_and_resume_check(scored, tmp_path):
     report = json.loads(paths.report.read_text())
     assert report["outputs"] == {"h5": "synthetic.h5", "geojson": "synthetic.geojson.gz",
                                  "ome_tiff": "virtual_codex.ome.tif", "overview": "overview.png"}
-    assert report["seconds"]["write_outputs"] > 0 and report["mica"]["risk"] == -1.0
+    assert report["seconds"]["outputs"] > 0 and report["seconds"]["total"] == report["wall_seconds"] and report["mica"]["risk"] == -1.0
     with tifffile.TiffFile(paths.ome_tiff) as tf:
         pixels = ET.fromstring(tf.ome_metadata).find("ome:Image/ome:Pixels", OME_NS)
         assert float(pixels.get("PhysicalSizeX")) == pytest.approx(112 * 0.5)
@@ -578,7 +578,7 @@ def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monke
     with pytest.raises(ValueError, match="got 3 tiles"):
         writer.finish(coords[:3], pred[:3], stride_grid(slide, grid, pred[:3], coords[:3]))
     paths = writer.finish(coords, pred, stride_grid(slide, grid, pred, coords), mica=mica,
-                          seconds={"stream+hex": 3.0, "hex engine": 2.5}, skipped=skipped, tiles_per_s=n / 3.0)
+                          seconds={"stream+hex": 3.0, "hex engine": 2.5}, skipped=skipped, hex_tiles_per_s=n / 3.0)
     writer.abort()  # after success: a no-op
     assert set(paths) == {"h5", "geojson", "ome_tiff", "overview", "report"}
     assert outputs_complete(tmp_path / "out", "synthetic", bundle_hash="f" * 64)
@@ -592,7 +592,8 @@ def test_slide_writer_streams_batches_with_skipped_tiles(scored, tmp_path, monke
         np.testing.assert_array_equal(f["tissue_fraction"][:], grid.fraction[keep])
     r = json.loads(paths["report"].read_text())
     assert r["tile_count"] == n and r["grid_tile_count"] == len(grid)
-    assert r["tiles_per_s"] == pytest.approx(n / 3.0) and r["wall_seconds"] > 0
+    assert r["hex_tiles_per_s"] == pytest.approx(n / 3.0, rel=1e-3) and r["wall_seconds"] == r["seconds"]["total"] > 5.5
+    assert r["tiles_per_s"] == pytest.approx(n / r["seconds"]["total"], rel=1e-3)
     assert [t["index"] for t in r["skipped_tiles"]] == [3, 17] and r["skipped_tiles"][0]["error"] == "JPEG error"
     assert r["mica"]["hazards"] == pytest.approx([0.1, 0.2, 0.3, 0.4]) and r["mica"]["risk"] == pytest.approx(-2.4)
     best = int(np.argmax(att.mean(0)))

@@ -273,7 +273,8 @@ def test_mica_risk_equals_the_models_rerun_on_the_h5(cmu, cmu_scored):
     best = int(np.argmax(attention.mean(axis=0)))
     assert top["overall"][0]["tile"] == best
     assert [top["overall"][0]["x"], top["overall"][0]["y"]] == bag_coords[best].tolist()
-    assert top["per_marker"]["CD8"][0]["attention"] == pytest.approx(attention[1].max(), rel=1e-4)
+    assert top["per_marker"]["CD8"][0][2] == pytest.approx(attention[1].max(), rel=1e-4)
+    assert top["per_marker"]["CD8"][0][:2] == bag_coords[int(np.argmax(attention[1]))].tolist()
 
 
 def test_ome_tiff_end_to_end(cmu, cmu_scored):

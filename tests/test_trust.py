@@ -375,7 +375,7 @@ def test_resume_redoes_slides_made_with_other_settings_or_broken_files(tmp_path)
     assert not resumed("--mpp", "0.5")
     assert resumed("--mpp", "0.5")
     report = json.loads((out / "s" / "report.json").read_text())
-    assert report["settings"]["mpp"] == 0.5 and report["settings"]["stride"] is None
+    assert report["settings"]["mpp"] == 0.5 and report["settings"]["stride"] == 112  # the values used
     for name, garbage in (("overview.png", b"\x89PNG\r\n\x1a\n garbage"), ("virtual_codex.ome.tif", b"II*\0 junk")):
         path = out / "s" / name
         kept = path.read_bytes()

@@ -43,7 +43,7 @@ def test_routes(server, cmu_scored):
     info = json.loads(get(server, "/api/info")[2])
     assert info["demo"] is True and info["tiles"] == 200 and info["cell"] == 112 and len(info["markers"]) == 40
     assert info["deepzoom"]["dimensions"][-1] == [2220, 2967] and info["mica"]["count"] == 50
-    status, kind, png = get(server, "/overlay/2.png")
+    status, kind, png = get(server, "/overlay/2.png?cmap=viridis")
     assert kind == "image/png"
     from PIL import Image
     import io
@@ -138,6 +138,8 @@ def test_in_a_headless_browser(server, cmu_scored, tmp_path):
         t = 57  # a tile in the tissue; the whole slide is on screen (the viewer opens fitted)
         points = {"tissue": coords[t] + cell / 2, "glass": (np.array(glass) + 0.5) * cell}
 
+        driver.execute_script("window.hexfast.setColormap('viridis')")  # opaque at every value
+
         def pixels(opacity):
             driver.execute_script("window.hexfast.setOpacity(arguments[0])", opacity)
             settle()
@@ -172,9 +174,39 @@ def test_in_a_headless_browser(server, cmu_scored, tmp_path):
         assert tile is not None and (tile["x"], tile["y"]) == tuple(coords[t]), (tile, coords[t])
         np.testing.assert_array_equal(np.float32(list(tile["values"].values())), markers[t])
         text = driver.find_element("id", "hover").text
-        assert f"({coords[t][0]}, {coords[t][1]})" in text and "Pan-Cytokeratin" in text
+        assert f"({coords[t][0]}, {coords[t][1]})" in text and "+ 28 more" in text
+        lines = text.splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("marker ")) + 1
+        shown = [line[:16].strip() for line in lines[first:first + 12]]  # the top 12, highest within range first
+        info_markers = {m["name"]: m for m in info["markers"]}
+        units = [(tile["values"][n] - info_markers[n]["lo"]) / (info_markers[n]["hi"] - info_markers[n]["lo"])
+                 for n in shown]
+        assert units == sorted(units, reverse=True) and len(shown) == 12
+        # the hovered tile is outlined in black and white: its left edge is grey, where tissue and colours are not
+        settle()
+        edge = driver.execute_script("return window.hexfast.toScreen(arguments[0], arguments[1])",
+                                     float(coords[t][0]), float(coords[t][1] + 56))
+        rgb = driver.execute_script("return window.hexfast.pixel(arguments[0], arguments[1])", *edge)[:3]
+        assert max(rgb) - min(rgb) < 25, rgb
+        driver.find_element("css selector", "#hover .more").click()
+        assert "Pan-Cytokeratin" in driver.find_element("id", "hover").text  # all 40 once asked, the tile kept
         driver.execute_script("window.hexfast.setLayer(-1)")  # MICA's attention layer draws too
         settle()
+        # ... within the slide: CLAM's padded patches past the bottom edge are cut at it
+        with h5py.File(out / f"{out.name}.h5") as f:
+            bag = f["mica_coords"][:]
+        height = info["height"]
+        edge_patches = bag[bag[:, 1] + 256 > height]
+        assert len(edge_patches), "CMU-1-Small-Region's bag reaches past its bottom edge"
+        x = float(edge_patches[0][0] + 128)
+        driver.execute_script("window.hexfast.setOpacity(1.0)")
+        driver.execute_script("window.hexfast.view(arguments[0], arguments[1], 1.0)", x, float(height))
+        settle()
+        inside = driver.execute_script("return window.hexfast.toScreen(arguments[0], arguments[1])", x, height - 4.0)
+        below = driver.execute_script("return window.hexfast.toScreen(arguments[0], arguments[1])", x, height + 4.0)
+        pixel = "return window.hexfast.pixel(arguments[0], arguments[1])"
+        assert driver.execute_script(pixel, *below)[:3] == [255, 255, 255]
+        assert driver.execute_script(pixel, *inside)[:3] != [255, 255, 255]
         driver.save_screenshot(str(tmp_path / "viewer.png"))
         assert [e for e in driver.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:

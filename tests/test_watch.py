@@ -26,7 +26,8 @@ from hexfast.watch import Watcher, read_status
 from hexfast.watch.inbox import ignored, scan
 
 SETTLE, POLL = 1.0, 0.2
-WATCH_FILES = {".hexfast-watch.sqlite", ".hexfast-watch.sqlite-wal", ".hexfast-watch.sqlite-shm", ".hexfast.lock"}
+WATCH_FILES = {".hexfast-watch.settling.json", ".hexfast-watch.sqlite", ".hexfast-watch.sqlite-wal",
+               ".hexfast-watch.sqlite-shm", ".hexfast.lock"}
 
 
 def half_written(out: Path) -> list[Path]:

@@ -196,6 +196,7 @@ def _export_model(name: str, work: Path, fp16: bool, export: Callable[[Path], No
     """Export one model (ONNX fp32, fp16; torch programs at `program_precisions`), then run every
     parity case through torch once and through each file."""
     files = {"fp32": f"{name}.onnx"}
+    log(f"{name}: exporting to ONNX{' (fp32, fp16)' if fp16 else ''} and checking parity on {len(cases)} case(s)")
     export(work / files["fp32"])
     if fp16:
         files["fp16"] = f"{name}.fp16.onnx"
@@ -364,7 +365,9 @@ def write_bundle(out: str | os.PathLike, *, hex_model: HexModel, codex_encoder: 
             models["he_features"]["tile"] = {"px": CLAM_PATCH, "level": 0, "target_px": TARGET_PATCH_SIZE}
             models["he_features"]["input_normalisation"] = HE_FEATURES_NORMALISATION
         if cpu_variants:
+            log(f"hex: CPU variants {', '.join(cpu_variants)}, fidelity against fp32 on the parity tiles")
             models["hex"]["cpu_variants"] = _cpu_variants(work, models, tiles, cpu_variants, log)
+        log("hashing the files and writing the manifest")
         manifest = {
             "schema": SCHEMA,
             "demo": bool(demo),

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import itertools
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -99,6 +100,26 @@ class DirectoryLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_holder(directory: Path) -> dict | None:
+    """Who holds `directory`'s lock now ({"pid", "host", "since"} as its lock file says), or None when
+    nobody does (no lock file, or one a killed writer left). Takes and changes nothing."""
+    path = Path(directory) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        try:
+            _try_lock(fd)
+        except OSError:
+            text = _read_holder(fd)
+            m = re.fullmatch(r"PID (\d+) on (.*) since (\S+)", text)
+            return {"pid": int(m[1]), "host": m[2], "since": m[3]} if m else {"holder": text}
+        return None  # we got it: nobody holds it (closing the file releases it)
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> str:

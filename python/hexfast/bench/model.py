@@ -15,7 +15,7 @@ e2e: one slide through Scorer (tissue, grid, TileStream → HEX engine, virtual 
 the slide (random tiles; this also warms the engine) and just after (the slide's first batch); then,
 in a fresh process, the TileStream alone over the same tiles (bench.stream's stream case). Fields:
   tiles, seconds (the SlideResult's stages), e2e_seconds (around Scorer.score), e2e_tiles_per_s
-  (SlideResult.tiles_per_s: tiles over the stream+hex stage), engine_tiles_per_s, stream_tiles_per_s,
+  (SlideResult.hex_tiles_per_s: tiles over the stream+hex stage), engine_tiles_per_s, stream_tiles_per_s,
   pipeline_efficiency = e2e_tiles_per_s / engine_tiles_per_s (the goal is ≥ 0.95: the engine never
   waits for tiles), steady_tiles_per_s / pipeline_efficiency_steady (the same from the end of the
   first batch on), engine_busy (engine seconds / stream+hex seconds), cpu_efficiency (engine-alone
@@ -287,7 +287,7 @@ def e2e_case(slide: str, model=None, backend: str = "auto", precision: str = "fp
         busy = engine_within / stream_hex if stream_hex else None
         during_cpu = 1e3 * sum(r[3] for r in timed.records) / n if n else None
         cpu_eff = engine_cpu / during_cpu if during_cpu and not simulate_engine else None
-        e2e_rate = result.tiles_per_s
+        e2e_rate = result.hex_tiles_per_s
         # From the end of the first batch on (without the stream filling its ring).
         steady = None
         if len(timed.records) > 1:

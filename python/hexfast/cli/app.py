@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     mpp = argparse.ArgumentParser(add_help=False)
-    mpp.add_argument("--mpp", type=positive_float, help="µm per level-0 pixel; overrides the slide's metadata")
+    mpp.add_argument("--mpp", type=positive_float, metavar="UM", help="µm per level-0 pixel; overrides the slide's metadata")
 
     parser = _Parser(prog="hexfast", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_commands(sub, common, _Parser)  # bench stream | engine | e2e | roofline (bench.py)
     add_model_commands(sub, common)  # export, build-engines (models.py)
     add_view_command(sub, common)  # view (view.py)
-    add_watch_command(sub, common)  # watch (watch.py)
+    add_watch_command(sub, common, mpp)  # watch (watch.py)
     return parser
 
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), _terminate)
+    console.set_quiet(getattr(args, "quiet", False))
     try:
         with console.log_records_shown():
             return args.run(args)

@@ -35,13 +35,24 @@ def out(text: str) -> None:
     print(printable(text))
 
 
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """--quiet: lines and notes are not shown; warnings and errors always are."""
+    global _quiet
+    _quiet = bool(quiet)
+
+
 def line(text: str) -> None:
     """Progress for a person (a slide done): stderr, so stdout keeps only results."""
-    _write(text)
+    if not _quiet:
+        _write(text)
 
 
 def note(message: str) -> None:
-    _write(f"hexfast: {message}")
+    if not _quiet:
+        _write(f"hexfast: {message}")
 
 
 def warn(message: str) -> None:
@@ -126,7 +137,8 @@ class Summary:
     def failures(self) -> int:
         return sum(r.status == "FAILED" for r in self.rows)
 
-    def print(self) -> None:
+    def print(self, file=None) -> None:
+        file = file or sys.stdout
         if not self.rows:
             return
         table = [self.HEADER, *self.rows]
@@ -134,6 +146,6 @@ class Summary:
         cells = [tuple(printable(v) for v in c) for c in cells]
         widths = [max(len(c[i]) for c in cells) for i in range(5)]
         for row, c in zip(table, cells):
-            print("  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + printable(row.detail))
+            print("  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + printable(row.detail), file=file)
         bad = self.failures
-        print(f"{len(self.rows) - bad} of {len(self.rows)} slides ok" + (f", {bad} FAILED" if bad else ""))
+        print(f"{len(self.rows) - bad} of {len(self.rows)} slides ok" + (f", {bad} FAILED" if bad else ""), file=file)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 from ..bundle import load_bundle
@@ -22,8 +23,8 @@ examples:
   hexfast export --musk musk/model.safetensors --hex-heads hex_heads.pth -o models/hex --fp16
   hexfast export --hex hex_full.pth --dinov2 dinov2_vits14_reg4_pretrain.pth --mica s_0_checkpoint.pt
       --mica-pooling attn --mica-features resnet50-trunc --resnet50 resnet50_tv_in1k.safetensors -o models/hex-mica
-  hexfast export --demo --size tiny --mica-features resnet50-trunc -o models/demo --fp16
-      (random weights; manifest says demo: true)
+  hexfast export --demo -o models/demo
+      (random weights, tiny models, MICA on the official pipeline's bag; manifest says demo: true)
 
 MICA's H&E bag is declared, never guessed: --mica-features resnet50-trunc is the official pipeline
 (CLAM's create_patches_fp.py patches, 256 px at level 0, and its extract_features_fp.py resnet50_trunc
@@ -65,7 +66,7 @@ def add_model_commands(sub, common: argparse.ArgumentParser) -> None:
     weights.add_argument("--mica-features", choices=("resnet50-trunc", "hex-embedding"),
                          help="the tile features MICA was trained on (required with MICA): resnet50-trunc = CLAM's "
                               "patches and encoder (official pipeline; needs --resnet50), hex-embedding = hexfast's "
-                              "h5 features")
+                              "h5 features; a --demo export takes resnet50-trunc unless told otherwise")
     weights.add_argument("--resnet50", type=Path, metavar="R",
                          help="ImageNet ResNet50 weights for CLAM's resnet50_trunc (torchvision resnet50 or timm "
                               "resnet50.tv_in1k, .pth or .safetensors)")
@@ -74,7 +75,8 @@ def add_model_commands(sub, common: argparse.ArgumentParser) -> None:
                               "with; default CLAM's create_patches_fp.py defaults")
     export.add_argument("--demo", action="store_true", help="random-weight models instead of weights (demo: true)")
     export.add_argument("--size", choices=("tiny", "full"), default="tiny",
-                        help="demo model size: tiny (a few MB, fast on CPU) or full (real architectures)")
+                        help="demo model size: tiny (default; a few MB, fast on CPU) or full (the real architectures, "
+                             "about 2 GB and 15 minutes)")
     export.add_argument("--seed", type=int, default=0, help="demo weight seed (default 0)")
     export.add_argument("--fp16", action="store_true",
                         help="also write fp16 ONNX files (float32 inputs/outputs) and an fp16 HEX torch program")
@@ -150,6 +152,10 @@ def _check_mica_args(args) -> None:
         if named:
             raise HexfastError(f"{', '.join(named)} describe(s) a MICA model; add --mica M (or --demo)")
         return
+    if args.mica_features is None and args.demo:  # random weights have no training bag: take the official one
+        args.mica_features = "resnet50-trunc"
+        console.note("--demo: MICA reads the official pipeline's bag (--mica-features resnet50-trunc: CLAM's patches "
+                     "and resnet50_trunc encoder); --mica-features hex-embedding for hexfast's own features")
     if args.mica_features is None:
         raise HexfastError("MICA needs --mica-features resnet50-trunc (CLAM's patches and resnet50_trunc encoder, the "
                            "official pipeline) or hex-embedding (hexfast's h5 features): the bag its checkpoint "
@@ -198,12 +204,14 @@ def cmd_export(args) -> int:
     if args.parity_tiles is not None and not args.parity_tiles.is_dir():
         raise HexfastError(f"{args.parity_tiles}: not a directory of tile images")
     _check_out(args.out)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:  # every step timed from the start: a long one shows where time goes
+        console.out(f"[{time.perf_counter() - started:6.1f} s] {message}")
+
+    log("loading torch and the exporter")
     _need_torch()
-
     from hexfast_export.bundle_writer import read_tiles, tile_files, write_bundle
-
-    def log(message: str) -> None:
-        console.out(message)
 
     tiles = read_tiles(tile_files(args.parity_tiles)) if args.parity_tiles is not None else None
     clam = read_clam_preset(args.clam_preset) if args.clam_preset is not None else None
@@ -213,7 +221,7 @@ def cmd_export(args) -> int:
     if args.demo:
         from hexfast_export.demo import demo_he_features, demo_models, describe
 
-        console.line(f"hexfast export: demo bundle, {args.size} random-weight models (seed {args.seed})")
+        log(f"demo bundle: {args.size} random-weight models (seed {args.seed})")
         hex_model, encoder, mica = demo_models(args.size, args.seed)
         if args.mica_features == "resnet50-trunc":
             from hexfast_export.demo import DEMO_CLAM_PATCHING
@@ -261,7 +269,8 @@ def cmd_export(args) -> int:
                             codex_resize_order=args.codex_resize_order, extra=extra, log=log)
     size = sum((args.out / f).stat().st_size for f in manifest["files"])
     console.out(f"wrote {args.out} ({', '.join(manifest['models'])}; {len(manifest['files'])} files, "
-          f"{size / 1e6:.1f} MB{'; DEMO: untrained random weights' if args.demo else ''})")
+                f"{size / 1e6:.1f} MB{'; DEMO: untrained random weights' if args.demo else ''}) in "
+                f"{time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -20,8 +20,8 @@ OUT/watch-events.jsonl the event log. SIGTERM / Ctrl-C stop cleanly (exit 0).
 """
 
 
-def add_watch_command(sub, common: argparse.ArgumentParser) -> None:
-    watch = sub.add_parser("watch", parents=[common, engine_options()],
+def add_watch_command(sub, common: argparse.ArgumentParser, mpp: argparse.ArgumentParser) -> None:
+    watch = sub.add_parser("watch", parents=[common, mpp, engine_options()],
                            help="score slides as a scanner drops them into a folder (unattended)",
                            description="Watch INBOX and score each finished slide into OUT, in arrival order, with "
                                        "the engines loaded once.", epilog=EPILOG,
@@ -33,6 +33,12 @@ def add_watch_command(sub, common: argparse.ArgumentParser) -> None:
     watch.add_argument("--poll", type=positive_float, default=2.0, metavar="S",
                        help="seconds between looks at the inbox (default 2)")
     watch.add_argument("--retry-failed", action="store_true", help="queue the quarantined slides again, once")
+    watch.add_argument("--once", action="store_true",
+                       help="score what is in INBOX, then exit (a slide untouched for --settle seconds is taken at "
+                            "once, a newer one when it settles): a nightly batch, or a first run")
+    watch.add_argument("--dry-run", action="store_true",
+                       help="say what would be scored, what was scored before and what is still landing, then exit; "
+                            "loads no model and writes nothing")
     watch.add_argument("--http", type=non_negative_int, metavar="PORT",
                        help="serve the status on 127.0.0.1:PORT (/health, /status, /queue, /last)")
     watch.add_argument("--status", type=Path, metavar="OUT", help="print the status of the watcher of OUT and exit")
@@ -47,9 +53,11 @@ def cmd_watch(args) -> int:
         return 0
     if args.inbox is None or args.out is None:
         raise HexfastError("hexfast watch needs INBOX and -o OUT (or --status OUT)")
+    if args.dry_run:
+        return _dry_run(args.inbox, args.out, args.settle)
     from ..score import Scorer
 
-    scorer = Scorer(args.model, args.backend, device=args.device, cuda_graphs=args.cuda_graphs,
+    scorer = Scorer(args.model, args.backend, device=args.device, cuda_graphs=args.cuda_graphs, mpp=args.mpp,
                     **scorer_options(args))
     try:
         if scorer.bundle.demo:
@@ -64,14 +72,15 @@ def cmd_watch(args) -> int:
                 console.line(f"{kind}: {Path(record['slide']).name}" + (f": {detail}" if detail else ""))
 
         watcher = Watcher(args.inbox, args.out, scorer, settle=args.settle, poll=args.poll,
-                          retry_failed=args.retry_failed, on_event=show)
+                          retry_failed=args.retry_failed, once=args.once, on_event=show)
         http = None
         if args.http is not None:
             from ..watch.http import StatusServer
 
             http = StatusServer(watcher, "127.0.0.1", args.http).start()
         console.note(f"watching {args.inbox} -> {args.out} ({scorer.describe()})"
-                     + (f"; status at {http.url}" if http else "") + "; Ctrl-C or SIGTERM to stop")
+                     + (f"; status at {http.url}" if http else "")
+                     + ("; --once: exits when the inbox is done" if args.once else "; Ctrl-C or SIGTERM to stop"))
         try:
             watcher.run()
         except KeyboardInterrupt:  # SIGTERM/SIGINT: the slide in progress was aborted and requeued
@@ -83,4 +92,47 @@ def cmd_watch(args) -> int:
         console.note("stopped cleanly: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     finally:
         scorer.close()
+    return 0
+
+
+def _dry_run(inbox: Path, out: Path, settle: float) -> int:
+    """One line per slide in INBOX: what a watcher started now would do with it. Reads the journal, if any,
+    read-only; loads no model; creates nothing."""
+    import time
+
+    from ..watch.inbox import scan
+    from ..watch.journal import JOURNAL, Journal
+
+    if not inbox.is_dir():
+        raise HexfastError(f"{inbox}: not a directory to watch")
+    known = {}
+    if (out / JOURNAL).is_file():
+        journal = Journal(out, read_only=True)
+        try:
+            known = {(e.source, e.state): e for e in journal.entries()}
+        finally:
+            journal.close()
+    by_source = {source: e for (source, _), e in known.items()}
+    counts: dict[str, int] = {}
+    for c in scan(inbox):
+        source = str(c.path.resolve())
+        entry = by_source.get(source)
+        age = time.time() - c.mtime_ns / 1e9
+        if entry is not None and entry.state == "done":
+            what = f"done before -> {out / entry.name}"
+        elif entry is not None and entry.state == "failed":
+            what = f"quarantined: {entry.reason} (--retry-failed queues it again)"
+        elif entry is not None:
+            what = f"{entry.state} in the journal: scored next"
+        elif not c.complete:
+            what = f"incomplete: {c.why}"
+        elif age < settle:
+            what = f"still landing: modified {age:.0f} s ago; taken once unchanged for {settle:g} s"
+        else:
+            what = f"would score ({c.size / 1e6:.1f} MB)"
+        key = what.split(":")[0].split(" (")[0].split(" ->")[0]
+        counts[key] = counts.get(key, 0) + 1
+        console.out(f"{c.path}: {what}")
+    console.note("dry run: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or f"no slides in {inbox}")
+                 + "; nothing was scored or written")
     return 0

@@ -34,7 +34,33 @@ VIRIDIS = np.frombuffer(bytes.fromhex("".join(_VIRIDIS_HEX)), np.uint8).reshape(
 VIRIDIS.flags.writeable = False
 
 
+# ColorBrewer's YlOrRd anchors (Cynthia Brewer, Apache-2.0): light at the low end, so low values never read
+# as haematoxylin.
+_YLORRD = ("ffffcc", "ffeda0", "fed976", "feb24c", "fd8d3c", "fc4e2a", "e31a1c", "bd0026", "800026")
+
+
+def _interpolated(anchors: tuple[str, ...]) -> np.ndarray:
+    rgb = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in anchors], np.float64)
+    at = np.linspace(0, 1, len(anchors))
+    x = np.linspace(0, 1, 256)
+    return np.stack([np.interp(x, at, rgb[:, k]) for k in range(3)], axis=1).round().astype(np.uint8)
+
+
+def _rgba(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    return np.concatenate([rgb, (np.clip(alpha, 0, 1) * 255).round().astype(np.uint8)[:, None]], axis=1)
+
+
+# The viewer's overlays, as RGBA tables: "fade" (the default) is viridis whose low third fades to
+# transparent, so low values show the H&E beneath instead of a dark blue that reads as nuclei.
+COLORMAPS = {
+    "fade": _rgba(VIRIDIS, np.linspace(0, 3, 256)),
+    "viridis": _rgba(VIRIDIS, np.ones(256)),
+    "heat": _rgba(_interpolated(_YLORRD), np.ones(256)),
+}
+
+
 def colorize(unit: np.ndarray, table: np.ndarray = VIRIDIS) -> np.ndarray:
-    """Values in [0, 1] (clipped; NaN -> 0) to uint8 RGB, shape unit.shape + (3,)."""
+    """Values in [0, 1] (clipped; NaN -> 0) to the table's uint8 colours (RGB, or RGBA for a COLORMAPS
+    table), shape unit.shape + (3,) or (4,)."""
     idx = np.nan_to_num(np.clip(unit, 0.0, 1.0) * 255.0).round().astype(np.intp)
     return table[idx]

@@ -23,6 +23,7 @@ import numpy as np
 import tifffile
 
 from ..files import writing_file
+from .report import DEMO_DETAIL
 
 MIN_LEVEL_PX = 256  # halve until the longest side is below this
 TILE_PX = 256
@@ -56,12 +57,15 @@ def write_ome_tiff(
     cell_px: int | None = None,
     level0_size: tuple[int, int] | None = None,
     annotations: dict[str, str] | None = None,
+    demo: bool = False,
 ) -> None:
     """Write grid [gh, gw, C] (the virtual CODEX, score.codex_grid) as a pyramidal OME-TIFF.
 
     pixel_um: µm per grid cell (the grid step in level-0 px x the slide's MPP); cell_px, level0_size:
     the cell in level-0 px and the slide's level-0 (width, height), recorded with the origin (0, 0);
     annotations: more key/value pairs for the MapAnnotation (e.g. the scored region).
+    demo: the values come from the untrained demo model: the image's name and description, each channel's
+    Fluor and the MapAnnotation say so (channel names stay the markers', which tools match on).
     """
     if grid.ndim != 3 or grid.shape[2] != len(channel_names):
         raise ValueError(f"grid must be [gh, gw, {len(channel_names)}], got {grid.shape}")
@@ -71,20 +75,27 @@ def write_ome_tiff(
     levels = pyramid(cyx, min_level_px)
     metadata = {
         "axes": "CYX",
-        "Channel": {"Name": list(channel_names)},
+        "Channel": {"Name": list(channel_names),
+                    "Fluor": [f"HEX virtual stain{' (DEMO: untrained weights, not a prediction)' if demo else ''}"]
+                    * len(channel_names)},
         "PhysicalSizeX": pixel_um,
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeY": pixel_um,
         "PhysicalSizeYUnit": "µm",
     }
     if name:
-        metadata["Name"] = name
+        metadata["Name"] = f"{name} [DEMO: untrained]" if demo else name
+    described = [DEMO_DETAIL] if demo else []
+    pairs = {"hexfast:demo": DEMO_DETAIL} if demo else {}
     if cell_px is not None:
-        metadata["Description"] = (f"hexfast virtual CODEX: cell (i, j) covers level-0 x in [j*{cell_px}, "
-                                   f"(j+1)*{cell_px}), y in [i*{cell_px}, (i+1)*{cell_px}) of the slide, from (0, 0)")
-        pairs = {"hexfast:grid_origin_level0_px": "0,0", "hexfast:cell_level0_px": str(cell_px)}
+        described.append(f"hexfast virtual CODEX: cell (i, j) covers level-0 x in [j*{cell_px}, (j+1)*{cell_px}), "
+                         f"y in [i*{cell_px}, (i+1)*{cell_px}) of the slide, from (0, 0)")
+        pairs |= {"hexfast:grid_origin_level0_px": "0,0", "hexfast:cell_level0_px": str(cell_px)}
         if level0_size is not None:
             pairs["hexfast:level0_size_px"] = f"{level0_size[0]},{level0_size[1]}"
+    if described:
+        metadata["Description"] = " ".join(described)
+    if pairs or annotations:
         metadata["MapAnnotation"] = pairs | dict(annotations or {})
     h, w = cyx.shape[1:]
     options = dict(

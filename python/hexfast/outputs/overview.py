@@ -5,7 +5,10 @@ the same crop (the tiled tissue plus a margin) at the same scale, so a spot
 can be compared across markers. Each marker is drawn over a grey copy of the
 slide, coloured (viridis) only where a tile was scored, and scaled between its
 own 1st and 99th percentile over the slide's tiles; the colour bar gives the
-values at both ends. Demo bundles get a red banner and frame.
+values at both ends, in HEX's own units. Demo bundles get a red banner and frame.
+
+Text is drawn in DejaVu Sans, Arial or Helvetica when the system has one (for µ and ²), else in
+Pillow's own font, which has neither: units are then written um and mm2.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..files import writing_file
 from ..markers import MARKERS
 from ..slide import Slide, TileGrid
 from .colormap import VIRIDIS, colorize
-from .tiles import TISSUE_COLOUR, tissue_outline
+from .tiles import tissue_outline
 
 # A dozen markers a pathologist looks at first: epithelium, T/B cells,
 # macrophages, proliferation, stroma, vessels, checkpoint, Tregs, leukocytes.
@@ -31,8 +34,12 @@ DEFAULT_MARKERS = (
 )
 # ASCII only: PIL's built-in font has no em dash.
 DEMO_BANNER = "DEMO MODEL - UNTRAINED WEIGHTS - NOT A PREDICTION"
-SCALE_NOTE = "colour: each marker scaled to its own 1st-99th percentile over all tiles (bar shows the values)"
+SCALE_NOTE = ("Colour: each marker from its own 1st to 99th percentile over the tiles; values are HEX's output, a.u. "
+              "(not calibrated amounts)")
+FONT_FILES = ("DejaVuSans.ttf", "Arial.ttf", "arial.ttf", "Helvetica.ttc", "LiberationSans-Regular.ttf")
+MICA_NOTE = "MICA risk {risk:.2f} on [-4, 0], larger = higher risk (-sum of survival over 4 time bins)"
 BANNER_RED = (200, 0, 0)
+OUTLINE_GREEN = (40, 230, 80)
 OVERLAY_ALPHA = 0.85  # the rest is the grey slide, so tissue texture shows through
 PERCENTILES = (1.0, 99.0)
 
@@ -58,12 +65,13 @@ def render_overview(
     marker_names: Sequence[str] = MARKERS,
     show: Sequence[str] | str = DEFAULT_MARKERS,
     notes: Sequence[str] = (),
+    mica: dict | None = None,
     panel_px: int = 320,
 ) -> Image.Image:
     """The overview as an RGB image. codex_prediction (N, 40) for `coords` (default: the grid's;
     pass the scored tiles when some were skipped); codex: the same tiles laid out one cell per
     stride, [gh, gw, 40] (score.codex_grid.virtual_codex with step = grid.stride). show: marker
-    names, or "all"; notes: extra title items."""
+    names, or "all"; notes: extra title items; mica: MICA's summary (its risk is shown, explained)."""
     names = list(marker_names) if show == "all" else list(show)
     unknown = [m for m in names if m not in marker_names]
     if unknown:
@@ -74,11 +82,26 @@ def render_overview(
     crop = _crop_box(slide, coords, grid.tile_size)
     layout = _Layout(crop, len(names), panel_px)
     base, base_ds = _background(slide, grid, (crop[2] - crop[0]) / max(layout.he_size[0], 1))
-    out, top = _page(slide, grid, len(coords), notes, layout, demo)
+    if mica and mica.get("risk") is not None:
+        notes = [*notes, MICA_NOTE.format(risk=mica["risk"])]
+    legend = [SCALE_NOTE, f"Outline: detected tissue; tiles at least {grid.min_tissue:.0%} tissue are scored"]
+    below = _wrap_words(legend, layout.fonts.small, layout.he_size[0])
+    if len(below) * (layout.fonts.small.size + 2) + 6 > layout.under_he:
+        below = []  # no room under the H&E: the legend goes in the header
+    out, top = _page(slide, grid, len(coords), notes, layout, demo, legend=[] if below else legend)
     draw = ImageDraw.Draw(out)
     m = layout.margin
-    draw.text((m, top), "H&E (tissue outlined green)", fill=(0, 0, 0), font=layout.fonts.label)
-    out.paste(_he_panel(slide, grid, base, base_ds, crop, layout), (m, top + layout.label_h))
+    draw.text((m, top), "H&E, tissue outlined", fill=(0, 0, 0), font=layout.fonts.label)
+    he = _he_panel(grid, base, base_ds, crop, layout)
+    out.paste(he, (m, top + layout.label_h))
+    if below:
+        y = top + layout.label_h + he.height + 6
+        for text in below:
+            draw.text((m, y), text, fill=(60, 60, 60), font=layout.fonts.small)
+            y += layout.fonts.small.size + 2
+    # The scale bar sits in the label row, right-aligned over the H&E: it never covers tissue.
+    _scale_bar(draw, m + he.width, top + layout.label_h - 4, he.width, he.width / (crop[2] - crop[0]) / slide.mpp,
+               layout.fonts)
 
     grey = np.asarray(_crop_resize(base, base_ds, crop, layout.panel).convert("L"), np.float32)
     grey = 140.0 + grey * (115.0 / 255.0)  # light grey: the heatmap colours carry the contrast
@@ -122,18 +145,26 @@ class _Layout:
         bar_h = 12 + self.fonts.small.size + 8
         self.cell_w, self.cell_h = self.panel[0] + 16, self.label_h + self.panel[1] + bar_h + 8
         self.cols = 6 if markers > 12 else 3 if markers <= 1 else 4
-        self.cells = _cell_positions(markers, self.cols)
-        self.rows = max([r for r, _ in self.cells] + [1]) + 1
+        # The H&E fills up to 2 x 2 cells, keeping the crop's aspect; the markers take the cells it leaves
+        # free (a wide crop: one row of two; a tall one: two rows of one), so no blank gap is left beside it.
         box_w, box_h = 2 * self.cell_w - 16, 2 * self.cell_h - self.label_h - 8
         he_w = min(box_w, round(box_h * aspect))
         self.he_size = (he_w, min(box_h, round(he_w / aspect)))
+        he_rows = 1 if self.he_size[1] + self.label_h + 8 <= self.cell_h else 2
+        he_cols = 1 if self.he_size[0] + 16 <= self.cell_w else 2
+        self.cells = _cell_positions(markers, self.cols, he_rows, he_cols)
+        self.rows = max([r for r, _ in self.cells] + [he_rows - 1]) + 1
+        # Room left under the H&E in its block: the legend goes there rather than in the header.
+        self.under_he = he_rows * self.cell_h - self.label_h - self.he_size[1] - 8
         self.width = max(self.cols * self.cell_w, 2 * self.cell_w) + 2 * self.margin
 
 
-def _page(slide: Slide, grid: TileGrid, n: int, notes, layout: _Layout, demo: bool) -> tuple[Image.Image, int]:
+def _page(slide: Slide, grid: TileGrid, n: int, notes, layout: _Layout, demo: bool,
+          legend: Sequence[str] = ()) -> tuple[Image.Image, int]:
     """The white page with the demo banner (if any) and the header drawn: (image, top of the panels)."""
     fonts = layout.fonts
     header = _header_lines(slide, grid, n, notes, fonts, layout.width - 2 * layout.margin)
+    header += [(t, fonts.small) for t in _wrap_words(legend, fonts.small, layout.width - 2 * layout.margin)]
     banner_h = fonts.banner.size * 2 + 10 if demo else 0
     top = banner_h + sum(f.size + 6 for _, f in header) + layout.gap
     out = Image.new("RGB", (layout.width, top + layout.rows * layout.cell_h + layout.margin), (255, 255, 255))
@@ -141,7 +172,10 @@ def _page(slide: Slide, grid: TileGrid, n: int, notes, layout: _Layout, demo: bo
     y = 0
     if demo:
         draw.rectangle((0, 0, layout.width, banner_h), fill=BANNER_RED)
-        _centred(draw, DEMO_BANNER, layout.width // 2, banner_h // 2, fonts.banner, (255, 255, 255))
+        banner = fonts.banner
+        while draw.textlength(DEMO_BANNER, font=banner) > layout.width - 2 * layout.margin and banner.size > 10:
+            banner = _font(banner.size - 2)  # a narrow page: the banner still fits
+        _centred(draw, DEMO_BANNER, layout.width // 2, banner_h // 2, banner, (255, 255, 255))
         y = banner_h
     y += 4
     for text, font in header:
@@ -150,16 +184,17 @@ def _page(slide: Slide, grid: TileGrid, n: int, notes, layout: _Layout, demo: bo
     return out, top
 
 
-def _he_panel(slide: Slide, grid: TileGrid, base: Image.Image, base_ds: float, crop, layout: _Layout) -> Image.Image:
-    """The crop of the slide with the tissue outlined and a scale bar."""
+def _he_panel(grid: TileGrid, base: Image.Image, base_ds: float, crop, layout: _Layout) -> Image.Image:
+    """The crop of the slide with the tissue outlined: a dark line with a bright green core, which shows on
+    pink tissue and white glass alike."""
     size = layout.he_size
-    mask = _crop_resize(Image.fromarray(grid.tissue.mask * 255), grid.tissue.downsample, crop, size,
-                        Image.Resampling.NEAREST)
+    mask = np.asarray(_crop_resize(Image.fromarray(grid.tissue.mask * 255), grid.tissue.downsample, crop, size,
+                                   Image.Resampling.NEAREST)) > 127
     rgb = np.array(_crop_resize(base, base_ds, crop, size))
-    rgb[tissue_outline(np.asarray(mask) > 127, thickness=2)] = TISSUE_COLOUR
-    he = Image.fromarray(rgb)
-    _scale_bar(ImageDraw.Draw(he), he.size, size[0] / (crop[2] - crop[0]) / slide.mpp, layout.fonts.small)
-    return he
+    width = max(2, size[0] // 160)
+    rgb[tissue_outline(mask, thickness=width + 2)] = (0, 60, 20)
+    rgb[tissue_outline(mask, thickness=width)] = OUTLINE_GREEN
+    return Image.fromarray(rgb)
 
 
 class _Cells:
@@ -202,24 +237,53 @@ class _Cells:
 class _Fonts:
     def __init__(self, panel_px: int):
         s = max(11, panel_px // 22)
-        self.small = ImageFont.load_default(size=s)
-        self.label = ImageFont.load_default(size=round(s * 1.25))
-        self.title = ImageFont.load_default(size=round(s * 1.45))
-        self.banner = ImageFont.load_default(size=round(s * 2.2))
+        self.small, self.label, self.title, self.banner = (_font(round(s * k)) for k in (1, 1.25, 1.45, 2.2))
+        self.um, self.mm2 = ("µm", "mm²") if _has_glyphs(self.small, "µ²") else ("um", "mm2")
+
+
+def _font(size: int):
+    for name in FONT_FILES:  # Pillow looks in the system's font folders
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
+
+
+def _has_glyphs(font, chars: str) -> bool:
+    """Whether `font` draws each of `chars` as itself, not as its missing-glyph box."""
+    missing = np.asarray(font.getmask("\uffff"))
+    return all(not np.array_equal(np.asarray(font.getmask(c)), missing) for c in chars)
 
 
 def _header_lines(slide: Slide, grid: TileGrid, n: int, notes, fonts: _Fonts, width: int) -> list:
     um = grid.tile_size * slide.mpp
     w, h = slide.dimensions
     facts = [
-        f"{n} tiles of {grid.tile_size} px ({um:.0f} um), stride {grid.stride} px",
-        f"{slide.mpp:.3f} um/px ({slide.tile.magnification:g}x)",
-        f"{w} x {h} px",
+        f"{n} tiles of {grid.tile_size} px ({um:.0f} {fonts.um}), stride {grid.stride} px",
+        f"{slide.mpp:.3f} {fonts.um}/px ({slide.tile.magnification:g}x)",
+        f"{w} x {h} px, tissue {grid.tissue.area_mm2:.2f} {fonts.mm2}",
         *notes,
     ]
     lines = [(f"{slide.path.name}: HEX virtual CODEX", fonts.title)]
     lines += [(t, fonts.small) for t in _wrap(facts, fonts.small, width)]
-    lines.append((SCALE_NOTE, fonts.small))
+    return lines
+
+
+def _wrap_words(paragraphs: Sequence[str], font, width: int) -> list[str]:
+    """Each paragraph broken into lines no wider than `width`."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = []
+    for text in paragraphs:
+        line = ""
+        for word in text.split():
+            trial = f"{line} {word}".strip()
+            if line and measure.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
     return lines
 
 
@@ -235,12 +299,12 @@ def _wrap(parts: Sequence[str], font, width: int) -> list[str]:
     return lines
 
 
-def _cell_positions(n: int, cols: int) -> list[tuple[int, int]]:
-    """Row-major cells for n markers, skipping the 2x2 H&E block at the top left."""
+def _cell_positions(n: int, cols: int, he_rows: int = 2, he_cols: int = 2) -> list[tuple[int, int]]:
+    """Row-major cells for n markers, skipping the H&E block (he_rows x he_cols) at the top left."""
     out, k = [], 0
     while len(out) < n:
         r, c = divmod(k, cols)
-        if not (r < 2 and c < 2):
+        if not (r < he_rows and c < he_cols):
             out.append((r, c))
         k += 1
     return out
@@ -279,21 +343,23 @@ def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, w: int, lo: float, hi
     draw.text((x, ty), _fmt(lo), fill=(0, 0, 0), font=font)
     hi_text = _fmt(hi)
     draw.text((x + w - draw.textlength(hi_text, font=font), ty), hi_text, fill=(0, 0, 0), font=font)
-    mid = "p1 .. p99"
-    draw.text((x + (w - draw.textlength(mid, font=font)) / 2, ty), mid, fill=(110, 110, 110), font=font)
+    room = w - draw.textlength(_fmt(lo), font=font) - draw.textlength(hi_text, font=font) - 16
+    mid = "a.u."  # HEX's units; the legend says what the ends are
+    if draw.textlength(mid, font=font) <= room:
+        draw.text((x + (w - draw.textlength(mid, font=font)) / 2, ty), mid, fill=(110, 110, 110), font=font)
 
 
-def _scale_bar(draw: ImageDraw.ImageDraw, size, px_per_um: float, font) -> None:
-    """A 1-2-5 length of about a quarter of the panel, bottom left, on a white box."""
-    target_um = size[0] / 4 / px_per_um
+def _scale_bar(draw: ImageDraw.ImageDraw, right: int, bottom: int, width: int, px_per_um: float,
+               fonts: _Fonts) -> None:
+    """A 1-2-5 length of about a quarter of the H&E's `width`, its label left of it, ending at (right, bottom)."""
+    target_um = (width / 4) / px_per_um
     um = min((m * 10**e for e in range(0, 6) for m in (1, 2, 5)), key=lambda v: abs(math.log(v / target_um)))
-    length = round(um * px_per_um)
-    label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} um"
-    x, y = 10, size[1] - 10
-    tw = draw.textlength(label, font=font)
-    draw.rectangle((x - 5, y - font.size - 14, x + max(length, tw) + 5, y + 4), fill=(255, 255, 255))
-    draw.rectangle((x, y - 4, x + length, y), fill=(0, 0, 0))
-    draw.text((x, y - font.size - 10), label, fill=(0, 0, 0), font=font)
+    length = max(1, round(um * px_per_um))
+    label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} {fonts.um}"
+    x1 = right
+    draw.rectangle((x1 - length, bottom - 5, x1, bottom), fill=(0, 0, 0))
+    tw = draw.textlength(label, font=fonts.small)
+    draw.text((x1 - length - tw - 6, bottom - fonts.small.size), label, fill=(0, 0, 0), font=fonts.small)
 
 
 def _fmt(v: float) -> str:

@@ -19,7 +19,14 @@ DEMO_DETAIL = (
     f"{DEMO_WARNING}: these outputs come from hexfast's demo bundle, whose weights are untrained; "
     "they exercise the pipeline and say nothing about this slide."
 )
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2  # 2: seconds.total is the slide's time; per-tile attention lists moved to the h5
+# What MICA's numbers mean (the official core_utils.py: risk = -sum(survival); dataset.py: the bins are
+# quartiles of the training cohort's uncensored survival times), said beside them in report.json.
+MICA_RISK_SCALE = ("-(sum of the survival probabilities over MICA's 4 time bins): from -4 (lowest risk) to 0 "
+                   "(highest); larger means higher risk. Comparable only between slides scored with the same model")
+MICA_BINS = ("4 discrete survival-time intervals: the quartiles of the training cohort's uncensored survival times "
+             "(official dataset.py). The checkpoint does not record their bounds; hazards[i] is the probability "
+             "of the event in interval i given survival to it, survival[i] the probability of surviving past it")
 # Manifest fields worth carrying into every report (the rest stays in the bundle).
 MANIFEST_KEYS = (
     "schema", "demo", "exporter", "created", "tile", "input_normalisation", "mica_features",
@@ -37,8 +44,8 @@ def to_jsonable(obj):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         return to_jsonable(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+    if isinstance(obj, float):  # 10 significant digits: 0.6450399999999998 is 0.64504
+        return float(f"{obj:.10g}") if math.isfinite(obj) else None
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if isinstance(obj, Path):
@@ -65,7 +72,7 @@ def slide_metadata(slide: Slide, grid: TileGrid) -> dict:
         "stride": grid.stride,
         "min_tissue": grid.min_tissue,
         "saturation_threshold": grid.tissue.threshold,
-        "tissue_area_mm2": grid.tissue.area_mm2,
+        "tissue_area_mm2": round(grid.tissue.area_mm2, 4),
     }
 
 
@@ -104,15 +111,15 @@ def build_report(
     started_at: dt.datetime | None = None,
     tile_count: int | None = None,
     skipped: Sequence | None = None,
-    tiles_per_s: float | None = None,
+    hex_tiles_per_s: float | None = None,
     settings: Mapping | None = None,
     extra: Mapping | None = None,
 ) -> dict:
     """The report as a dict (JSON-ready after to_jsonable).
 
-    seconds: wall time per stage, e.g. {"tiling": .., "inference": .., "total": ..}.
-    tiles_per_s: the caller's figure (the pipeline's: tiles over streaming+HEX
-    time); otherwise tiles over seconds["total"], else over the sum of the stages.
+    seconds: wall time per stage, each counted once (a stage "within" another is shown but not added);
+    the report adds "total", the slide's time, and tiles_per_s = tiles / total, the figures the terminal
+    and the summary table show. hex_tiles_per_s: tiles over the streaming + HEX stage alone.
     mica: MICA's summary (score.mica_stream.mica_summary), or None when MICA did not run.
     settings: every option that changes an output (stride, MPP, tissue, stain, precision):
     `--resume` redoes a slide scored with others.
@@ -120,9 +127,8 @@ def build_report(
     (index, x, y, message) for tiles that could not be read.
     """
     n = len(grid) if tile_count is None else int(tile_count)
-    if tiles_per_s is None:
-        total = seconds.get("total", sum(seconds.values())) if seconds else 0.0
-        tiles_per_s = n / total if total > 0 else None
+    stages = {k: round(float(v), 3) for k, v in seconds.items() if k != "total"}
+    total = round(sum(v for k, v in seconds.items() if k != "total" and "within" not in k), 3)
     finished = dt.datetime.now(dt.timezone.utc)
     report: dict = {}
     if demo:
@@ -139,20 +145,31 @@ def build_report(
         "skipped_tiles": [
             {"index": int(i), "x": int(x), "y": int(y), "error": str(msg)} for i, x, y, msg in (skipped or [])
         ],
-        "seconds": dict(seconds),
-        "tiles_per_s": tiles_per_s,
+        "seconds": stages | {"total": total},
+        "tiles_per_s": round(n / total, 2) if total > 0 else None,
+        "hex_tiles_per_s": round(hex_tiles_per_s, 2) if hex_tiles_per_s else None,
         "backend": backend,
         "settings": dict(settings or {}),
         "bundle": bundle_provenance(bundle_hash, bundle_manifest),
-        "mica": dict(mica) if mica is not None else None,
+        "mica": _explained(mica),
         "outputs": dict(outputs or {}),
         "started_at": started_at.isoformat() if started_at else None,
         "finished_at": finished.isoformat(),
-        "wall_seconds": (finished - started_at).total_seconds() if started_at else None,
+        "wall_seconds": total,  # = seconds.total; a slide opened ahead while another ran did not count its wait
     }
     if extra:
         report |= dict(extra)
     return report
+
+
+def _explained(mica: Mapping | None) -> dict | None:
+    """MICA's summary with what its risk and hazard bins mean beside them."""
+    if mica is None:
+        return None
+    out = dict(mica)
+    if "risk" in out:
+        out = {"risk": out.pop("risk"), "risk_scale": MICA_RISK_SCALE, "time_bins": MICA_BINS} | out
+    return out
 
 
 def write_report_json(path: Path, report: Mapping) -> None:

@@ -36,6 +36,7 @@ from ..files import temp_name
 from ..markers import MARKERS
 from ..slide import Slide, TileGrid
 from .h5file import SafeH5, write_error
+from .report import DEMO_DETAIL
 from .tiles import tile_attrs
 
 # Whole rows per chunk (readers slice by tile), <= 1 MiB each.
@@ -120,8 +121,9 @@ class ScoresH5:
             "bundle_hash": bundle_hash,
             "demo": bool(demo),
             "has_features": features_dim is not None,
-        } | dict(extra_attrs or {})
+        } | ({"warning": DEMO_DETAIL} if demo else {}) | dict(extra_attrs or {})
         self._attention: tuple[np.ndarray, str] | None = None
+        self._ranking: tuple[np.ndarray, np.ndarray, list[str]] | None = None
         widths = {"coords": (2, np.int64), "codex_prediction": (len(marker_names), np.float32)}
         if features_dim is not None:
             widths["features"] = (int(features_dim), np.float32)
@@ -172,6 +174,11 @@ class ScoresH5:
             raise ValueError(f"{self.path}: {len(attention)} attention weights for {rows} rows of {aligned_with}")
         self._attention = (attention, aligned_with)
 
+    def set_mica_ranking(self, tiles: np.ndarray, attention: np.ndarray, rows: list[str]) -> None:
+        """MICA's most-attended tiles: for each of `rows` (the markers, then 'overall'), the row indices
+        into MICA's bag of its top-k tiles, best first, and their weights; written at close()."""
+        self._ranking = (np.asarray(tiles, np.int64), np.asarray(attention, np.float32), list(rows))
+
     def _flush(self) -> None:
         with self._reporting():
             for rows in (self._tiles, self._mica):
@@ -212,6 +219,15 @@ class ScoresH5:
                 dset = self._f.create_dataset("mica_attention", data=weights, **GZIP)
                 dset.attrs["aligned_with"] = aligned
                 dset.attrs["meaning"] = "MICA co-attention weight of each tile, averaged over the 40 CODEX channels"
+            if self._ranking is not None:
+                tiles, weights, rows = self._ranking
+                group = self._f.create_group("mica_most_attended")
+                group.create_dataset("tiles", data=tiles)
+                group.create_dataset("attention", data=weights)
+                group.attrs["rows"] = rows
+                group.attrs["meaning"] = ("per row (a CODEX channel, then 'overall' = the mean over channels): the "
+                                          "rows of MICA's bag (mica_coords, or coords) it attended to most, best "
+                                          "first, and their co-attention weights")
             self._h5.close()
             os.replace(self._tmp, self.path)
 

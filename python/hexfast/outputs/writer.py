@@ -7,8 +7,10 @@ OUT/<stem>/virtual_codex.ome.tif   the virtual CODEX grid, 40 named channels (om
 OUT/<stem>/overview.png            thumbnail + marker heatmaps (overview)
 OUT/<stem>/report.json             metadata, timings, MICA (report) -- written LAST
 
+The h5 and report.json are always written; `outputs` (OUTPUTS, --outputs) chooses the other three.
+
 The set changes as one: a SlideWriter writes the new set into OUT/.<stem>.partial/ and only when
-all five files are there swaps it for OUT/<stem>/ (rename the old folder aside, rename the new one
+all its files are there swaps it for OUT/<stem>/ (rename the old folder aside, rename the new one
 in, delete the old). A run that fails, is interrupted (SIGINT, SIGTERM) or meets a full disk
 removes its partial folder and leaves the previous set exactly as it was; a run killed outright
 leaves the partial folder, which the next writer of that slide clears, and a kill between the two
@@ -21,7 +23,7 @@ fails at once naming the holder, and only the holder clears the partial folder, 
 are then certainly a dead run's.
 
 Completeness: a report.json that parses, was made with the same bundle and settings, and agrees
-with the other four (each of which opens as what it is) means the set is whole and from one run;
+with the other files it lists (each of which opens as what it is) means the set is whole and from one run;
 `--resume` skips exactly those slides (outputs_complete).
 
 The pipeline streams into a SlideWriter:
@@ -62,6 +64,19 @@ from .ome_tiff import write_ome_tiff
 from .overview import DEFAULT_MARKERS, write_overview_png
 from .report import build_report, write_report_json
 from .scores_h5 import ScoresH5, tissue_fraction
+
+# The outputs a run may choose (--outputs); the h5 is always among them and report.json always written.
+OUTPUTS = ("h5", "geojson", "ome-tiff", "overview")
+
+
+def checked_outputs(names: Sequence[str] | str) -> tuple[str, ...]:
+    """`names` (a list, or "h5,geojson,...") in OUTPUTS order, with the h5 added; unknown names refused."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OUTPUTS]
+    if unknown:
+        raise OutputError(Path(unknown[0]), f"not an output hexfast writes (choose from {', '.join(OUTPUTS)})")
+    return tuple(n for n in OUTPUTS if n in names or n == "h5")
 
 
 @dataclass(frozen=True)
@@ -114,18 +129,23 @@ class SlideWriter:
         region: Mapping | None = None,
         name: str | None = None,
         precision: Mapping | None = None,
+        outputs: Sequence[str] = OUTPUTS,
+        started_at: dt.datetime | None = None,
     ):
         """settings: the options that changed these outputs (report.json's "settings"; --resume
         compares them). mica_bag: (patches, feature width, mica_coords attributes) of MICA's bag.
         region: the scored part of the slide (slide.region.Region.describe()), said by every output.
         name: the output folder's and files' name (default the slide's: OUT/<stem>/). precision: what HEX
-        ran at and its recorded fidelity (score.precision.HexPrecision.describe()), said by report.json and the h5."""
+        ran at and its recorded fidelity (score.precision.HexPrecision.describe()), said by report.json and the h5.
+        outputs: which of OUTPUTS to write. started_at: when work on the slide began (default now)."""
         self.slide, self.grid, self.bundle, self.backend = slide, grid, bundle, backend
         self.settings = dict(settings or {})
         self.region = dict(region) if region else None
         self.precision = dict(precision) if precision else None
         self.overview_markers = overview_markers
-        self.started_at = dt.datetime.now(dt.timezone.utc)
+        self.outputs = checked_outputs(outputs)
+        self.seconds: dict[str, float] = {}  # report.json's stages, once finish() has written it
+        self.started_at = started_at or dt.datetime.now(dt.timezone.utc)
         stem = name or slide.name
         self.paths = output_paths(out_dir, stem)
         if self.paths.dir.exists() and not self.paths.dir.is_dir():
@@ -179,7 +199,7 @@ class SlideWriter:
         bag_coords: np.ndarray | None = None,
         seconds: Mapping[str, float] | None = None,
         skipped: Sequence = (),
-        tiles_per_s: float | None = None,
+        hex_tiles_per_s: float | None = None,
     ) -> dict[str, Path]:
         """Close the h5, then write the GeoJSON, the OME-TIFF, the overview and (last) report.json.
 
@@ -187,12 +207,19 @@ class SlideWriter:
         stride ([gh, gw, 40], score.codex_grid.virtual_codex); mica: MICA's summary
         (score.mica_stream.mica_summary) or None; mica_attention: each bag tile's co-attention
         weight averaged over the markers, for the bag `bag_coords` (None: the bag is the HEX
-        tiles themselves); seconds, skipped, tiles_per_s: for the report."""
+        tiles themselves); seconds, skipped, hex_tiles_per_s: for the report, whose stages (these and
+        the writing) are kept in self.seconds."""
         if len(coords) != len(self._h5):
             raise ValueError(f"finish() got {len(coords)} tiles; {len(self._h5)} were appended")
         t0 = time.perf_counter()
         if mica_attention is not None:
             self._h5.set_mica_attention(mica_attention, "mica_coords" if bag_coords is not None else "coords")
+        ranking = (mica or {}).get("most_attended")
+        if ranking:
+            rows = [*ranking["per_marker"], "overall"]
+            lists = [*ranking["per_marker"].values(), ranking["overall"]]
+            self._h5.set_mica_ranking([[t["tile"] for t in ls] for ls in lists],
+                                      [[t["attention"] for t in ls] for ls in lists], rows)
         self._h5.close()
         p, slide, grid, bundle = self._stage, self.slide, self.grid, self.bundle
         about = {"hexfast_version": __version__, "slide": slide.name, "bundle_hash": bundle.hash, "demo": bundle.demo,
@@ -200,36 +227,40 @@ class SlideWriter:
                  "mica": ("risk " + format(mica["risk"], ".4g")) if mica and "risk" in mica else None}
         if bundle.demo:
             about["warning"] = "DEMO MODEL: untrained random weights; these values are not predictions"
-        write_geojson(p.geojson, coords=coords, markers=markers, marker_names=bundle.markers,
-                      tile_size=grid.tile_size, tissue_fraction=tissue_fraction(grid, coords), demo=bundle.demo,
-                      hex_attention=mica_attention if bag_coords is None else None,
-                      bag_coords=bag_coords, bag_attention=mica_attention if bag_coords is not None else None,
-                      about=about)
+        if "geojson" in self.outputs:
+            write_geojson(p.geojson, coords=coords, markers=markers, marker_names=bundle.markers,
+                          tile_size=grid.tile_size, tissue_fraction=tissue_fraction(grid, coords), demo=bundle.demo,
+                          hex_attention=mica_attention if bag_coords is None else None,
+                          bag_coords=bag_coords, bag_attention=mica_attention if bag_coords is not None else None,
+                          about=about)
         region_note = {"hexfast:region": json.dumps(self.region)} if self.region else None
-        write_ome_tiff(p.ome_tiff, codex_grid, bundle.markers, grid.stride * slide.mpp, name=self.paths.dir.name,
-                       cell_px=grid.stride, level0_size=slide.dimensions, annotations=region_note)
+        if "ome-tiff" in self.outputs:
+            write_ome_tiff(p.ome_tiff, codex_grid, bundle.markers, grid.stride * slide.mpp, name=self.paths.dir.name,
+                           cell_px=grid.stride, level0_size=slide.dimensions, annotations=region_note,
+                           demo=bundle.demo)
         notes = [f"bundle {bundle.hash[:12]}" + (" (DEMO)" if bundle.demo else "")]
         if self.region:
             notes.append(f"REGION ONLY: {self.region['kind']} {self.region['bounds_level0']}")
-        if mica is not None and "risk" in mica:
-            notes.append(f"MICA risk {mica['risk']:.3g}" + (" (region only)" if self.region else ""))
-        write_overview_png(
-            p.overview, slide, grid, markers, codex_grid, coords=coords, demo=bundle.demo,
-            marker_names=bundle.markers, show=self.overview_markers, notes=notes,
-        )
-        stages = dict(seconds or {})
-        stages["write_outputs"] = time.perf_counter() - t0
+        if mica is not None and "risk" in mica and self.region:
+            notes.append("MICA saw the region only")
+        if "overview" in self.outputs:
+            write_overview_png(p.overview, slide, grid, markers, codex_grid, coords=coords, demo=bundle.demo,
+                               marker_names=bundle.markers, show=self.overview_markers, notes=notes, mica=mica)
+        stages = {k: v for k, v in (seconds or {}).items() if k != "total"}
+        stages["outputs"] = time.perf_counter() - t0
+        written = {k: v for k, v in p.as_dict().items() if k in ("h5", "report") or k.replace("_", "-") in self.outputs}
         report = build_report(
             slide, grid, seconds=stages, backend=self.backend, bundle_hash=bundle.hash, demo=bundle.demo,
-            bundle_manifest=bundle.manifest, mica=mica, started_at=self.started_at, tile_count=len(coords),
-            skipped=skipped, tiles_per_s=tiles_per_s, settings=self.settings,
-            outputs={k: v.name for k, v in p.as_dict().items() if k != "report"},
+            bundle_manifest=bundle.manifest, mica=shortened(mica), started_at=self.started_at, tile_count=len(coords),
+            skipped=skipped, hex_tiles_per_s=hex_tiles_per_s, settings=resolved_settings(self.settings, (slide, grid)),
+            outputs={k: v.name for k, v in written.items() if k != "report"},
             extra=self._described() or None,
         )
+        self.seconds = dict(report["seconds"])
         write_report_json(p.report, report)
         self._swap_in()
         self._done = True
-        return self.paths.as_dict()
+        return {k: self.paths.as_dict()[k] for k in written}
 
     def abort(self) -> None:
         """Drop the partial set; OUT/<stem>/ stays exactly as it was (safe to call twice)."""
@@ -310,6 +341,41 @@ def _recover(out_dir: Path, stem: str) -> None:
             os.replace(old, final)
 
 
+REPORT_TOP = 10  # most-attended tiles report.json lists overall; 3 per marker (all of them: the h5)
+
+
+def shortened(mica: Mapping | None) -> dict | None:
+    """MICA's summary for report.json: the top tiles overall and per marker, not every ranked tile (those
+    go to the h5's mica_most_attended)."""
+    if not mica or "most_attended" not in mica:
+        return mica
+    top = mica["most_attended"]
+    short = {"top_k": min(REPORT_TOP, len(top["overall"])), "coords": top["coords"],
+             "overall": top["overall"][:REPORT_TOP],
+             "per_marker_format": "[x, y, attention] of the 3 tiles MICA attended to most for the marker, best first",
+             "per_marker": {m: [[t["x"], t["y"], round(t["attention"], 6)] for t in ls[:3]]
+                            for m, ls in top["per_marker"].items()},
+             "all": "the h5's mica_most_attended group (rows of mica_coords, or coords)"}
+    return dict(mica) | {"most_attended": short}
+
+
+def resolved_settings(settings: Mapping, slide) -> dict:
+    """`settings` with the slide's own values for those left to it (stride None: the tile size; MPP None:
+    the file's), as report.json records them. `slide`: the Slide and its grid, or a report's "slide" entry."""
+    if isinstance(slide, Mapping):  # stride None is the tile size; MPP None the file's own, not an --mpp
+        stride = slide.get("tile_size_level0")
+        mpp = slide.get("mpp") if slide.get("mpp_source") != "--mpp" else "the file's"
+    else:
+        slide, grid = slide
+        stride, mpp = grid.stride, slide.mpp
+    out = dict(settings)
+    if out.get("stride") is None:
+        out["stride"] = stride
+    if out.get("mpp") is None:
+        out["mpp"] = mpp
+    return out
+
+
 def drop_partial(out_dir: Path, stem: str) -> None:
     """What a run killed mid-slide left for OUT/<stem>/ (the partial set), unless a live writer holds it."""
     stage = partial_dir(out_dir, stem)
@@ -331,14 +397,19 @@ def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,
     must also have used that bundle and those settings (a resume with other weights, another
     stride, MPP, tissue threshold, stain normalisation or precision redoes the slide)."""
     paths = output_paths(out_dir, stem)
-    if not all(p.is_file() for p in (paths.h5, paths.geojson, paths.ome_tiff, paths.overview, paths.report)):
+    if not (paths.h5.is_file() and paths.report.is_file()):
         return False
     try:
         report = json.loads(paths.report.read_text(encoding="utf-8"))
         n = int(report["tile_count"])
+        listed = set(report["outputs"])
+        files = {"h5": paths.h5, "geojson": paths.geojson, "ome_tiff": paths.ome_tiff, "overview": paths.overview}
+        if not all(files[k].is_file() for k in listed):
+            return False
         if bundle_hash is not None and report["bundle"]["hash"] != bundle_hash:
             return False
-        if settings is not None and report.get("settings") != json.loads(json.dumps(dict(settings))):
+        if settings is not None and report.get("settings") != json.loads(json.dumps(
+                resolved_settings(settings, report["slide"]))):
             return False
         with h5py.File(paths.h5, "r") as f:
             coords, pred = f["coords"], f["codex_prediction"]
@@ -348,14 +419,17 @@ def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,
             bag = (report.get("mica") or {}).get("bag") or {}
             if bag.get("tiles") and f["mica_coords"].shape != (int(bag["tiles"]), 2):
                 return False
-        with tifffile.TiffFile(paths.ome_tiff) as tif:
-            if not (tif.is_ome and tif.series[0].shape[0] == channels):
-                return False
-        with Image.open(paths.overview) as png:
-            png.verify()
-        with gzip.open(paths.geojson, "rt", encoding="utf-8") as f:  # its start; the whole was renamed into place
-            if not f.read(64).startswith('{"type":"FeatureCollection"'):
-                return False
+        if "ome_tiff" in listed:
+            with tifffile.TiffFile(paths.ome_tiff) as tif:
+                if not (tif.is_ome and tif.series[0].shape[0] == channels):
+                    return False
+        if "overview" in listed:
+            with Image.open(paths.overview) as png:
+                png.verify()
+        if "geojson" in listed:
+            with gzip.open(paths.geojson, "rt", encoding="utf-8") as f:  # its start; the set was renamed into place
+                if not f.read(64).startswith('{"type":"FeatureCollection"'):
+                    return False
         return True
     except Exception:  # noqa: BLE001 - whatever does not parse is not complete
         return False

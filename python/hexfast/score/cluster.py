@@ -37,8 +37,8 @@ from pathlib import Path
 
 from ..bundle import load_bundle
 from ..errors import HexfastError
-from ..outputs.writer import drop_partial
-from ..slide import DEFAULT_MAX_TILES, slide_name
+from ..outputs.writer import OUTPUTS, drop_partial
+from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, slide_name
 from .pipeline import Scorer, SlideResult
 
 log = logging.getLogger("hexfast.cluster")
@@ -119,7 +119,8 @@ class RayScorer:
     def __init__(self, address: str = LOCAL, model=None, backend: str = "auto", *, precision: str = "fp32",
                  batch_size: int = 64, threads: int = 2, stain_norm: str = "none", stride: int | None = None,
                  mpp: float | None = None, max_tiles: int = DEFAULT_MAX_TILES, allow_non_brightfield: bool = False,
-                 mica_bag=None, region=None, workers: int | None = None, slides: int | None = None, log_to_driver: bool = False):
+                 mica_bag=None, region=None, min_tissue: float = DEFAULT_MIN_TISSUE, tissue=None, mica: bool = True,
+                 outputs=OUTPUTS, workers: int | None = None, slides: int | None = None, log_to_driver: bool = False):
         """slides: how many slides are coming, when known (no more actors than that). mica_bag: a
         directory every worker reads (a shared filesystem on a multi-node cluster)."""
         self.bundle = load_bundle(model)
@@ -133,7 +134,8 @@ class RayScorer:
                                  mpp=mpp, max_tiles=max_tiles, allow_non_brightfield=allow_non_brightfield,
                                  engine_threads=engine_threads,
                                  mica_bag=None if mica_bag is None else os.fspath(Path(mica_bag).resolve()),
-                                 region=region)
+                                 region=region, min_tissue=min_tissue, tissue=tissue, mica=mica,
+                                 outputs=tuple(outputs))
             die_after = int(os.environ.get(DIE_AFTER_ENV, "0") or 0)
             worker_cls = ray.remote(SlideWorker)
             self._new_actor = lambda: worker_cls.options(**options).remote(scorer_kwargs, die_after)

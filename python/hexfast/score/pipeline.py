@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import importlib.util
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ from ..engines.build import engine_key
 from ..engines.devices import gpu_name
 from ..errors import HexfastError
 from ..outputs import SlideWriter
+from ..outputs.writer import OUTPUTS, checked_outputs
 from .._core import __version__
 from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, Slide, TileGrid, TissueParams, open_slide, tile_slide
 from ..slide.clam_patches import ClamParams, ClamPatches, clam_patches
@@ -84,12 +86,20 @@ class SlideResult:
 
     @property
     def wall_seconds(self) -> float:
-        """Seconds for the slide, counting each stage once (the engine's share of
-        streaming is recorded as "hex engine (within stream+hex)")."""
-        return sum(v for k, v in self.seconds.items() if "within" not in k)
+        """The slide's time: its stages, each counted once (the engine's share of streaming is shown as
+        "hex engine (within stream+hex)"), from opening it to its outputs written -- report.json's
+        seconds.total. A slide opened ahead while another was scored does not count its wait."""
+        return sum(v for k, v in self.seconds.items() if "within" not in k and k != "total")
 
     @property
     def tiles_per_s(self) -> float:
+        """Tiles over the slide's time (wall_seconds): the figure the terminal, the summary and report.json give."""
+        wall = self.wall_seconds
+        return len(self.coords) / wall if wall > 0 else 0.0
+
+    @property
+    def hex_tiles_per_s(self) -> float:
+        """Tiles over the streaming + HEX stage alone (what the live bar shows while it runs)."""
         busy = self.seconds.get("stream+hex", 0.0)
         return len(self.coords) / busy if busy > 0 else 0.0
 
@@ -110,6 +120,7 @@ class _Prepared:
     clam_stream: TileStream | None = None
     bag: MicaBag | None = None  # a --mica-bag file, opened and checked
     clam_outside: int = 0  # CLAM's patches left out by the region
+    started_at: datetime.datetime | None = None
 
     def close(self) -> None:
         for stream in (self.stream, self.clam_stream):
@@ -142,7 +153,8 @@ class Scorer:
                  stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
                  max_tiles: int = DEFAULT_MAX_TILES, allow_non_brightfield: bool = False,
                  engine_threads: int | None = None, device: int = 0, cuda_graphs: bool = False,
-                 mica_bag: str | os.PathLike | None = None, region: Region | None = None):
+                 mica_bag: str | os.PathLike | None = None, region: Region | None = None,
+                 tissue: TissueParams | None = None, mica: bool = True, outputs: Sequence[str] = OUTPUTS):
         self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
         self.precision = precision
         self.batch_size = batch_size
@@ -151,6 +163,8 @@ class Scorer:
         self.stride = stride
         self.mpp = mpp
         self.min_tissue = min_tissue
+        self.tissue = tissue or TissueParams()
+        self.outputs = checked_outputs(outputs)
         self.max_tiles = max_tiles
         self.allow_non_brightfield = allow_non_brightfield
         self._calls = _Calls()
@@ -165,12 +179,15 @@ class Scorer:
         # The slide-level models run once per slide (under 1 % of the work): always fp32, which keeps
         # MICA's online softmax and the CODEX encoder's quantisation exact.
         self.codex_encoder = engine("codex_encoder", "fp32") if self.bundle.has("codex_encoder") else None
-        self.mica = engine("mica", "fp32") if self.bundle.has("mica") and self.codex_encoder else None
+        self.mica = engine("mica", "fp32") if mica and self.bundle.has("mica") and self.codex_encoder else None
+        self.mica_off = not mica and self.bundle.has("mica")  # asked not to run it (--no-mica)
         self.mica_bag = Path(mica_bag) if mica_bag is not None else None
         self.region = region
         self.clam_params: ClamParams | None = None
         self.he_features = None
         if self.mica_bag is not None:
+            if self.mica_off:
+                raise HexfastError(f"{self.mica_bag}: --mica-bag feeds MICA, which --no-mica turns off")
             if self.mica is None:
                 raise HexfastError(f"{self.mica_bag}: --mica-bag feeds MICA, and bundle {self.bundle.path} has no "
                                    "MICA model")
@@ -192,7 +209,7 @@ class Scorer:
         """Every option that changes what score() writes (report.json's "settings")."""
         return score_settings(stride=self.stride, mpp=self.mpp, min_tissue=self.min_tissue,
                               stain_norm=self.stain_norm, precision=self.precision, mica_bag=self.mica_bag,
-                              region=self.region)
+                              region=self.region, tissue=self.tissue, mica=not self.mica_off, outputs=self.outputs)
 
     # ------------------------------------------------------------- control
 
@@ -281,10 +298,12 @@ class Scorer:
         """Open, tile and start streaming (the workers begin filling the ring); the same for MICA's
         patches, or open and check its --mica-bag file."""
         start = time.perf_counter()
+        started_at = datetime.datetime.now(datetime.timezone.utc)
         slide = open_slide(path, self.mpp)
-        prep = _Prepared(slide, None, None, {})
+        prep = _Prepared(slide, None, None, {}, started_at=started_at)
         try:
-            prep.grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue, max_tiles=self.max_tiles,
+            prep.grid = tile_slide(slide, stride=self.stride, min_tissue=self.min_tissue, params=self.tissue,
+                                   max_tiles=self.max_tiles,
                                    allow_non_brightfield=self.allow_non_brightfield)
             if self.region is not None:
                 self.region.check_on(slide.path, slide.dimensions)
@@ -334,7 +353,8 @@ class Scorer:
         if out is not None:
             writer = SlideWriter(Path(out), slide, grid, self.bundle, self.backend, settings=self.settings,
                                  mica_bag=self._bag_spec(prep), region=region, name=name,
-                                 precision=self.hex_precision.describe())
+                                 precision=self.hex_precision.describe(), outputs=self.outputs,
+                                 started_at=prep.started_at)
         try:
             tiles = run_hex(prep.stream, self.hex, writer, slide.path, len(grid), progress, cancelled)
             seconds = {**prep.seconds, **tiles.seconds}
@@ -364,14 +384,13 @@ class Scorer:
                 skipped=tiles.skipped, mica_coords=bag.coords if bag is not None else None,
                 mica_features=bag.features if bag is not None else None, mica_attention=attention, region=region)
             if writer is not None:
-                start = time.perf_counter()
                 own_grid = bag is not None and bag.info.get("features") == "hex-embedding"
                 result.outputs = writer.finish(result.coords, result.markers, codex_grid, mica=mica,
                                                mica_attention=attention,
                                                bag_coords=None if own_grid or bag is None else bag.coords,
                                                seconds=result.seconds, skipped=result.skipped,
-                                               tiles_per_s=result.tiles_per_s)
-                result.seconds["outputs"] = time.perf_counter() - start
+                                               hex_tiles_per_s=result.hex_tiles_per_s)
+                result.seconds = writer.seconds  # report.json's: the same figures everywhere
             return result
         except BaseException:
             if writer is not None:
@@ -519,14 +538,16 @@ def _plan_dir(bundle: Bundle, backend: str) -> Path | None:
 
 def score_settings(*, stride: int | None = None, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE,
                    stain_norm: str = "none", precision: str = "fp32", mica_bag: str | os.PathLike | None = None,
-                   region: Region | None = None) -> dict:
-    """The options that change a slide's outputs, as report.json records them and --resume compares
-    them (None: the default for the slide, e.g. stride = the tile size, MPP from the file). The
-    tissue detection's own parameters are hexfast's defaults, so its version stands for them."""
+                   region: Region | None = None, tissue: TissueParams | None = None, mica: bool = True,
+                   outputs: Sequence[str] = OUTPUTS) -> dict:
+    """The options that change a slide's outputs, as --resume compares them (None: the slide's own,
+    stride = the tile size, MPP from the file; report.json records the values used, resolved_settings).
+    The tissue detection's parameters are recorded with hexfast's version, which stands for its code."""
     return {"stride": stride, "mpp": mpp, "min_tissue": min_tissue, "stain_norm": stain_norm,
             "precision": precision, "mica_bag": os.fspath(Path(mica_bag).resolve()) if mica_bag else None,
-            "region": region.describe() if region is not None else None,
-            "tissue": asdict(TissueParams()) | {"hexfast": __version__}}
+            "region": region.describe() if region is not None else None, "mica": bool(mica),
+            "outputs": sorted(checked_outputs(outputs)),
+            "tissue": asdict(tissue or TissueParams()) | {"hexfast": __version__}}
 
 
 class _Calls:

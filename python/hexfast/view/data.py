@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import HexfastError
-from ..outputs.colormap import VIRIDIS, colorize
+from ..outputs.colormap import COLORMAPS, colorize
 from ..outputs.overview import marker_range
 from ..outputs.writer import output_paths
 from ..slide import open_slide, slide_source
@@ -36,12 +36,26 @@ class Overlay:
     hi: float
 
 
+def scored_folder(out_dir: Path) -> Path:
+    """`out_dir` when it is one slide's outputs; its only scored slide when it is an OUT of one; else an
+    error that lists the slides an OUT holds."""
+    if (out_dir / "report.json").is_file():
+        return out_dir
+    slides = sorted(p.parent.name for p in out_dir.glob("*/report.json") if not p.parent.name.startswith(".")) \
+        if out_dir.is_dir() else []
+    if len(slides) == 1:
+        return out_dir / slides[0]
+    if slides:
+        shown = ", ".join(slides[:20]) + (f", ... ({len(slides)} in all)" if len(slides) > 20 else "")
+        raise ViewError(f"{out_dir}: holds {len(slides)} scored slides; view one: hexfast view {out_dir / slides[0]} "
+                        f"(slides here: {shown})")
+    raise ViewError(f"{out_dir}: no report.json here and no scored slide in it: give a slide's output folder, "
+                    "OUT/<stem>/, as `hexfast score` writes it")
+
+
 class ViewerData:
     def __init__(self, out_dir: Path, slide_path: Path | None = None):
-        out_dir = Path(out_dir)
-        if not (out_dir / "report.json").is_file():
-            raise ViewError(f"{out_dir}: no report.json here: give a slide's output folder, OUT/<stem>/, as "
-                            "`hexfast score` writes it")
+        out_dir = scored_folder(Path(out_dir))
         self.report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
         paths = output_paths(out_dir.parent, out_dir.name)
         if not paths.h5.is_file():
@@ -88,7 +102,8 @@ class ViewerData:
                "cell": self.cell, "grid": [self.gh, self.gw], "tiles": len(self.coords),
                "markers": [{"name": n, "lo": lo, "hi": hi} for n, (lo, hi) in zip(self.marker_names, ranges)],
                "demo": bool(self.report.get("demo")), "warning": self.report.get("warning"),
-               "region": self.report.get("region"), "mica": None, "viridis": VIRIDIS.tobytes().hex()}
+               "region": self.report.get("region"), "mica": None,
+               "colormaps": {name: table.tobytes().hex() for name, table in COLORMAPS.items()}}
         mica = self.report.get("mica") or {}
         if self.attention is not None:
             lo, hi = marker_range(self.attention[1])
@@ -96,17 +111,16 @@ class ViewerData:
                            "risk": mica.get("risk"), "partial": mica.get("partial")}
         return out
 
-    def overlay_png(self, channel: int) -> bytes:
-        """Marker `channel` as a gh x gw RGBA PNG: viridis between its 1st and 99th percentile over the
-        tiles, transparent where no tile was scored (glass shows the H&E untouched)."""
-        key = f"m{channel}"
+    def overlay_png(self, channel: int, cmap: str = "fade") -> bytes:
+        """Marker `channel` as a gh x gw RGBA PNG: colormap `cmap` (COLORMAPS) between its 1st and 99th
+        percentile over the tiles, transparent where no tile was scored (glass shows the H&E untouched)."""
+        key = f"m{channel}-{cmap}"
         if key not in self._png:
             lo, hi = marker_range(self.markers[:, channel])
             rgba = np.zeros((self.gh, self.gw, 4), np.uint8)
             scored = self.index >= 0
             values = self.markers[self.index[scored], channel]
-            rgba[scored, :3] = colorize((values - lo) / (hi - lo))
-            rgba[scored, 3] = 255
+            rgba[scored] = colorize((values - lo) / (hi - lo), COLORMAPS[cmap])
             self._png[key] = _png(rgba)
         return self._png[key]
 

@@ -9,7 +9,8 @@ Routes (all GET):
     /api/info                      slide size, MPP, grid, markers with their 1st-99th percentiles, demo, MICA
     /dz/<level>/<col>_<row>.jpg    deep-zoom H&E tiles, rendered on demand by OpenSlide's DeepZoomGenerator
                                    (256 px, no overlap, level-0 coordinates: limit_bounds off)
-    /overlay/<marker>.png          one marker over the whole grid, one pixel per cell (data.overlay_png)
+    /overlay/<marker>.png[?cmap=]  one marker over the whole grid, one pixel per cell (data.overlay_png;
+                                   cmap: fade (default), viridis, heat)
     /api/attention                 MICA's attention per bag tile (coords and weights, JSON)
     /api/tile?x=X&y=Y              the tile under level-0 (X, Y): coords and its 40 values
 
@@ -30,6 +31,7 @@ from importlib import resources
 from urllib.parse import parse_qs
 
 from ..localhttp import LocalHandler, LocalServer
+from ..outputs.colormap import COLORMAPS
 from .data import ViewerData
 
 DZ_TILE = 256
@@ -101,7 +103,10 @@ class _Handler(LocalHandler):
                 channel = int(parts[1][:-4])
                 if not 0 <= channel < len(self.server.data.marker_names):
                     return self._missing()
-                return self.send(self.server.data.overlay_png(channel), "image/png")
+                cmap = parse_qs(query).get("cmap", ["fade"])[0]
+                if cmap not in COLORMAPS:
+                    return self._missing()
+                return self.send(self.server.data.overlay_png(channel, cmap), "image/png")
             if parts[0] == "dz" and len(parts) == 3 and parts[2].endswith(".jpg"):
                 col, row = (int(v) for v in parts[2][:-4].split("_"))
                 tile = self.server.dz_tile(int(parts[1]), col, row)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import HexfastError
-from ..files import DirectoryLock, prepare_output_dir
+from ..files import DirectoryLock, lock_holder, prepare_output_dir, writing_file
 from ..outputs import outputs_complete
 from ..score import Cancelled, Scorer
 from ..slide import open_slide, slide_name
@@ -40,6 +40,7 @@ from .journal import JOURNAL, Entry, Journal
 log = logging.getLogger("hexfast.watch")
 
 EVENTS = "watch-events.jsonl"
+SETTLING = ".hexfast-watch.settling.json"  # the slides seen but not yet taken, for --status
 EVENTS_MAX_BYTES = 64 << 20  # then rotated once to watch-events.jsonl.1
 
 
@@ -69,11 +70,13 @@ class EventLog:
 
 class Watcher:
     def __init__(self, inbox: str | os.PathLike, out: str | os.PathLike, scorer: Scorer | None = None, *,
-                 settle: float = 30.0, poll: float = 2.0, retry_failed: bool = False,
+                 settle: float = 30.0, poll: float = 2.0, retry_failed: bool = False, once: bool = False,
                  on_event: Callable[[dict], None] | None = None, **scorer_options):
         """scorer: the Scorer to use (the watcher closes only one it made from `scorer_options`); settle:
         seconds a slide's files must keep their size and mtime; poll: seconds between looks at the inbox;
-        on_event: called with each event record (the JSON line's dict), from the thread it happened in."""
+        once: score what is in the inbox and return (a slide last modified over `settle` seconds ago is
+        taken at once, a newer one when it settles; one whose files are missing is left); on_event: called
+        with each event record (the JSON line's dict), from the thread it happened in."""
         self.inbox = Path(inbox)
         if not self.inbox.is_dir():
             raise HexfastError(f"{self.inbox}: not a directory to watch")
@@ -82,6 +85,10 @@ class Watcher:
             raise HexfastError(f"{out}: the output folder must not be inside the inbox {self.inbox}")
         self.out = prepare_output_dir(Path(out))
         self.settle, self.poll = float(settle), float(poll)
+        self.once = once
+        self._scans = 0  # inbox scans finished (--once ends after one that leaves nothing to wait for)
+        self._waiting = 0  # complete slides still settling after the last scan
+        self._settling_now: list[dict] = []  # what the last scan saw landing (status, --status)
         self._lock = DirectoryLock(self.out).acquire()
         try:  # output folders already here are never written again: new slides get other names
             folders = {p.name for p in self.out.iterdir() if p.is_dir() and not p.name.startswith(".")}
@@ -173,7 +180,8 @@ class Watcher:
 
     def status(self) -> dict:
         return status_of(self.journal) | {"state": self.state, "slide": self.current.source if self.current else None,
-                                          "uptime_s": round(time.time() - self.started, 1)}
+                                          "uptime_s": round(time.time() - self.started, 1),
+                                          "pid": os.getpid(), "settling": list(self._settling_now)}
 
     # ------------------------------------------------------------- the two threads
 
@@ -182,6 +190,7 @@ class Watcher:
         while True:
             if self._stop.is_set():
                 return None
+            scans, waiting = self._scans, self._waiting  # before the look: a scan adds before it counts
             entry = self.journal.next_queued()
             if entry is not None:
                 self._taken.append(entry)
@@ -191,6 +200,8 @@ class Watcher:
                 return entry.path, entry.name
             if not wait:
                 return None
+            if self.once and scans and not waiting:
+                return None  # --once: the inbox is done
             with self._arrived:
                 self._arrived.wait(self.poll)
 
@@ -200,21 +211,30 @@ class Watcher:
                 self._scan_once()
             except Exception as e:  # noqa: BLE001 - an unreadable inbox for a while must not end the watch
                 log.warning("%s: cannot scan the inbox: %s", self.inbox, e)
+            self._scans += 1
+            with self._arrived:
+                self._arrived.notify_all()
             self._stop.wait(self.poll)
 
     def _scan_once(self) -> None:
         now = time.monotonic()
         present = set()
+        waiting: list[dict] = []
         for c in scan(self.inbox):
             present.add(c.path)
             source = str(c.path.resolve())
             if self.journal.known(source, c.size, c.mtime_ns):
                 continue
             signature, since = self._settling.get(c.path, (None, now))
-            if signature != c.signature:
-                self._settling[c.path] = (c.signature, now)
-                continue
-            if not c.complete or now - since < self.settle:
+            if signature is None and self.once and time.time() - c.mtime_ns / 1e9 >= self.settle:
+                signature, since = c.signature, now - self.settle  # --once: untouched for the settle time
+                self._settling[c.path] = (signature, since)
+            if signature != c.signature or not c.complete or now - since < self.settle:
+                if signature != c.signature:
+                    self._settling[c.path] = (c.signature, now)
+                    since = now
+                waiting.append({"slide": source, "bytes": c.size, "complete": c.complete,
+                                "unchanged_s": round(now - since, 1), "why": c.why or None})
                 continue
             if source in self._scored_before:
                 self._adopt(c, source)
@@ -233,6 +253,20 @@ class Watcher:
                     self._arrived.notify_all()
         for gone in set(self._settling) - present:  # removed before it settled
             del self._settling[gone]
+        self._waiting = sum(w["complete"] for w in waiting)
+        self._settling_now = waiting
+        self._publish_settling(waiting)
+
+    def _publish_settling(self, waiting: list[dict]) -> None:
+        """OUT/.hexfast-watch.settling.json: what --status shows as settling (replaced whole, never half-written)."""
+        path = self.out / SETTLING
+        text = json.dumps({"settle_s": self.settle, "scanned": dt.datetime.now(dt.timezone.utc).isoformat(
+            timespec="seconds"), "settling": waiting}, indent=1)
+        try:
+            with writing_file(path) as tmp:
+                tmp.write_text(text + "\n", encoding="utf-8")
+        except OSError as e:  # a full disk must not stop the watch
+            log.warning("%s: cannot write: %s", path, e)
 
     def _adopt(self, c, source: str) -> None:
         """A slide scored before the journal lost it: journaled as done with its folder, not scored again."""
@@ -296,12 +330,24 @@ def status_of(journal: Journal, last: int = 10) -> dict:
 
 
 def read_status(out: str | os.PathLike) -> dict:
-    """The status of the watcher writing to `out` (or of the last one), from its journal, read-only."""
+    """The status of the watcher writing to `out` (or of the last one), from its journal, read-only:
+    whether one is running (it holds OUT's lock: its pid, host and start time) and, when it is, the
+    slides it sees settling in the inbox."""
     out = Path(out)
     if not (out / JOURNAL).is_file():
         raise HexfastError(f"{out}: no watch journal here ({JOURNAL}); is this the -o of a hexfast watch?")
+    holder = lock_holder(out)
+    watcher = {"running": holder is not None}
+    if holder is not None:
+        watcher |= holder
     journal = Journal(out, read_only=True)
     try:
-        return status_of(journal)
+        status = {"watcher": watcher} | status_of(journal)
     finally:
         journal.close()
+    settling = []
+    if holder is not None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            settling = json.loads((out / SETTLING).read_text(encoding="utf-8"))["settling"]
+    status["settling"] = settling
+    return status

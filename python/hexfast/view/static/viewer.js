@@ -6,8 +6,10 @@
 const $ = (id) => document.getElementById(id);
 const canvas = $("view");
 const ctx = canvas.getContext("2d");
-const state = { info: null, cx: 0, cy: 0, scale: 1, layer: 0, opacity: 0.6, viridis: [],
-                overlays: new Map(), attention: null, tiles: new Map(), pending: 0, hoverKey: null };
+const state = { info: null, cx: 0, cy: 0, scale: 1, layer: 0, opacity: 0.7, cmap: "fade", luts: {},
+                overlays: new Map(), attention: null, tiles: new Map(), pending: 0, hoverKey: null,
+                hovered: null, allValues: false };
+const TOP_VALUES = 12;  // the tile's markers shown at first, highest (within each marker's range) first
 const api = { ready: false };  // for the browser test and the console: window.hexfast
 window.hexfast = api;
 
@@ -18,9 +20,9 @@ function toLevel0(sx, sy) {
   return [(sx - canvas.clientWidth / 2) / state.scale + state.cx, (sy - canvas.clientHeight / 2) / state.scale + state.cy];
 }
 
-function colour(unit) {
+function colour(unit) {  // [r, g, b, alpha 0..1] from the chosen colormap
   const i = Math.max(0, Math.min(255, Math.round((Number.isFinite(unit) ? Math.max(0, Math.min(1, unit)) : 0) * 255)));
-  return state.viridis[i];
+  return state.luts[state.cmap][i];
 }
 
 // ---------------------------------------------------------------- deep zoom
@@ -71,13 +73,14 @@ function drawLevel(level, request) {
 // ---------------------------------------------------------------- overlays
 
 function overlayImage(channel) {
-  let entry = state.overlays.get(channel);
+  const key = `${channel}-${state.cmap}`;
+  let entry = state.overlays.get(key);
   if (!entry) {
     const img = new Image();
     entry = { img, loaded: false };
     img.onload = () => { entry.loaded = true; schedule(); };
-    img.src = `/overlay/${channel}.png`;
-    state.overlays.set(channel, entry);
+    img.src = `/overlay/${channel}.png?cmap=${state.cmap}`;
+    state.overlays.set(key, entry);
   }
   return entry;
 }
@@ -104,16 +107,17 @@ function drawAttention() {
   if (!a) return false;
   const m = state.info.mica, span = m.hi - m.lo || 1, size = a.size;
   const [x0, y0] = toLevel0(0, 0), [x1, y1] = toLevel0(canvas.clientWidth, canvas.clientHeight);
-  const side = size * state.scale;
+  const W = state.info.width, H = state.info.height;
   ctx.save();
-  ctx.globalAlpha = state.opacity;
   for (let k = 0; k < a.x.length; k++) {
     const x = a.x[k], y = a.y[k];
     if (x + size < x0 || y + size < y0 || x > x1 || y > y1) continue;
-    const [r, g, b] = colour((a.a[k] - m.lo) / span);
+    const [r, g, b, alpha] = colour((a.a[k] - m.lo) / span);
+    ctx.globalAlpha = state.opacity * alpha;
     ctx.fillStyle = `rgb(${r},${g},${b})`;
     const [sx, sy] = toScreen(x, y);
-    ctx.fillRect(sx, sy, side, side);
+    // CLAM pads patches at the slide's edge: draw only the part on the slide
+    ctx.fillRect(sx, sy, (Math.min(x + size, W) - x) * state.scale, (Math.min(y + size, H) - y) * state.scale);
   }
   ctx.restore();
   return true;
@@ -153,8 +157,23 @@ function draw() {
   if (state.layer >= 0) overlay = drawMarker(state.layer);
   else if (state.layer === -1) overlay = drawAttention();
   drawRegion();
+  drawHovered();
   drawScaleBar();
   api.ready = sharp && overlay && state.pending === 0;
+}
+
+function drawHovered() {  // the tile under the pointer, outlined: what the values panel describes
+  const t = state.hovered;
+  if (!t || !state.outline) return;
+  const [sx, sy] = toScreen(t.x, t.y), side = t.size * state.scale;
+  ctx.save();
+  ctx.lineWidth = 3;
+  ctx.strokeStyle = "#000";
+  ctx.strokeRect(sx, sy, side, side);
+  ctx.lineWidth = 1.5;
+  ctx.strokeStyle = "#fff";
+  ctx.strokeRect(sx, sy, side, side);
+  ctx.restore();
 }
 
 function drawScaleBar() {
@@ -167,11 +186,15 @@ function drawScaleBar() {
 
 function legend() {
   const bar = $("bar"), g = bar.getContext("2d");
+  g.fillStyle = "#fff";
+  g.fillRect(0, 0, bar.width, bar.height);
   for (let x = 0; x < bar.width; x++) {
-    const [r, gr, b] = colour(x / (bar.width - 1));
+    const [r, gr, b, alpha] = colour(x / (bar.width - 1));
+    g.globalAlpha = alpha;
     g.fillStyle = `rgb(${r},${gr},${b})`;
     g.fillRect(x, 0, 1, bar.height);
   }
+  g.globalAlpha = 1;
   const range = state.layer >= 0 ? state.info.markers[state.layer] : state.layer === -1 ? state.info.mica : null;
   $("legend").hidden = !range;
   if (range) {
@@ -191,20 +214,44 @@ async function hover(sx, sy) {
   state.hoverKey = key;
   const tile = await (await fetch(`/api/tile?x=${x}&y=${y}`)).json();
   if (state.hoverKey !== key) return;  // the pointer moved on while this was in flight
-  const panel = $("hover");
-  const lines = [`level-0 (${Math.round(x)}, ${Math.round(y)})`];
-  if (!tile) {
-    lines.push("no tile here");
-  } else {
-    lines.push(`tile ${tile.index}: (${tile.x}, ${tile.y}), ${tile.size} px`);
-    if (tile.mica_attention !== undefined) lines.push(`MICA attention ${fmt(tile.mica_attention)}`);
-    for (const [name, value] of Object.entries(tile.values)) lines.push(`${name.padEnd(16)} ${fmt(value)}`);
-  }
+  state.hovered = tile;
+  state.outline = true;
+  state.hoverAt = [x, y];
+  showValues();
+  schedule();
+}
+
+// The values panel: where the pointer is, then the tile's markers, highest first within each marker's own
+// range over the slide (the overlay's colour scale), the overlay's marker marked; the top ones unless all.
+function showValues() {
+  const panel = $("hover"), tile = state.hovered, [x, y] = state.hoverAt || [0, 0];
+  panel.textContent = "";
+  const add = (text, cls) => { const div = document.createElement("div"); div.textContent = text; if (cls) div.className = cls; panel.append(div); return div; };
+  add(`level-0 (${Math.round(x)}, ${Math.round(y)})`);
   const patch = attentionAt(x, y);
-  if (patch !== null) lines.splice(1, 0, `MICA patch attention ${fmt(patch)}`);
-  panel.textContent = lines.join("\n");
+  if (patch !== null) add(`MICA patch attention ${fmt(patch)}`);
+  if (!tile) {
+    add("no tile here");
+  } else {
+    add(`tile ${tile.index}: (${tile.x}, ${tile.y}), ${tile.size} px`);
+    if (tile.mica_attention !== undefined) add(`MICA attention ${fmt(tile.mica_attention)}`);
+    add("marker           value   of range");
+    const ranked = state.info.markers.map((m, i) => {
+      const v = tile.values[m.name];
+      return { i, name: m.name, v, unit: (v - m.lo) / ((m.hi - m.lo) || 1) };
+    }).sort((a, b) => b.unit - a.unit);
+    const shown = state.allValues ? ranked : ranked.slice(0, TOP_VALUES);
+    for (const r of shown) {
+      add(`${r.name.padEnd(16)} ${fmt(r.v).padStart(7)} ${String(Math.round(100 * r.unit)).padStart(5)}%`,
+          r.i === state.layer ? "current" : "");
+    }
+    if (ranked.length > TOP_VALUES) {
+      const more = add(state.allValues ? "show the top ones only" : `+ ${ranked.length - TOP_VALUES} more`, "more");
+      more.onclick = () => { state.allValues = !state.allValues; showValues(); };
+    }
+  }
   panel.dataset.tile = JSON.stringify(tile);
-  panel.dataset.key = key;
+  panel.dataset.key = state.hoverKey || "";
 }
 
 function attentionAt(x, y) {
@@ -259,6 +306,11 @@ function wire() {
   $("fit").onclick = fit;
   $("opacity").oninput = (e) => { state.opacity = Number(e.target.value); schedule(); };
   $("layer").onchange = (e) => { setLayer(Number(e.target.value)); };
+  $("cmap").onchange = (e) => { state.cmap = e.target.value; legend(); schedule(); };
+  $("values").onclick = () => { $("hover").hidden = !$("hover").hidden; };
+  window.addEventListener("keydown", (e) => { if (e.key === "v" && e.target === document.body) $("values").onclick(); });
+  // off the canvas (onto the values panel, say) the outline goes; the panel keeps the tile
+  canvas.addEventListener("mouseleave", () => { state.outline = false; state.hoverKey = null; schedule(); });
   window.addEventListener("resize", schedule);
 }
 
@@ -274,7 +326,10 @@ function setLayer(layer) {
 async function start() {
   const info = await (await fetch("/api/info")).json();
   state.info = info;
-  state.viridis = info.viridis.match(/.{6}/g).map((h) => [0, 2, 4].map((i) => parseInt(h.slice(i, i + 2), 16)));
+  for (const [name, hex] of Object.entries(info.colormaps)) {
+    state.luts[name] = hex.match(/.{8}/g).map((h) => [0, 2, 4, 6].map((i) => parseInt(h.slice(i, i + 2), 16)))
+      .map(([r, g, b, a]) => [r, g, b, a / 255]);
+  }
   const dz = info.deepzoom;
   state.coarse = dz.dimensions.findIndex(([w, h]) => Math.max(w, h) >= 512);
   if (state.coarse < 0) state.coarse = dz.levels - 1;
@@ -298,6 +353,7 @@ async function start() {
   fit();
   setLayer(first >= 0 ? first : 0);
   Object.assign(api, { toScreen, toLevel0, setLayer, info,
+    setColormap: (name) => { state.cmap = name; $("cmap").value = name; legend(); schedule(); },
     setOpacity: (v) => { state.opacity = v; $("opacity").value = String(v); schedule(); },
     pixel: (sx, sy) => { const d = window.devicePixelRatio || 1; return Array.from(ctx.getImageData(Math.round(sx * d), Math.round(sy * d), 1, 1).data); },
     view: (cx, cy, scale) => { state.cx = cx; state.cy = cy; state.scale = scale; schedule(); } });
