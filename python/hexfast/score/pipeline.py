@@ -89,7 +89,9 @@ class SlideResult:
         """The slide's time: its stages, each counted once (the engine's share of streaming is shown as
         "hex engine (within stream+hex)"), from opening it to its outputs written -- report.json's
         seconds.total. A slide opened ahead while another was scored does not count its wait."""
-        return sum(v for k, v in self.seconds.items() if "within" not in k and k != "total")
+        if "total" in self.seconds:  # report.json's, once written: the same figure everywhere
+            return self.seconds["total"]
+        return sum(v for k, v in self.seconds.items() if "within" not in k)
 
     @property
     def tiles_per_s(self) -> float:
