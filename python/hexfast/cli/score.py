@@ -23,14 +23,14 @@ from ..files import prepare_output_dir
 from ..outputs import output_paths, outputs_complete
 from ..outputs.writer import OUTPUTS, checked_outputs
 from ..score.pipeline import Scorer, score_settings
-from ..slide import DEFAULT_MAX_TILES, DEFAULT_MIN_TISSUE, dicom_files, slide_name, slide_source
+from ..slide import DEFAULT_MAX_TILES, dicom_files, slide_name, slide_source
 from ..slide.slide import DICOM_SUFFIX, SLIDE_SUFFIXES
 from ..slide.synthetic import write_demo_slide
 from ..stream import STAIN_METHODS
 from . import console
 from .console import Row, Summary
-from .slides import tissue_params
-from .types import fraction, non_negative_int, positive_float, positive_int, saturation_threshold
+from .slides import grid_options, tissue_params
+from .types import non_negative_int, positive_float, positive_int
 
 PROGRESS_EVERY_S = 30.0
 DEMO_DIR_HELP = "$HEXFAST_DEMO_DIR, else ~/.cache/hexfast/demo"
@@ -38,7 +38,7 @@ DEMO_DIR_HELP = "$HEXFAST_DEMO_DIR, else ~/.cache/hexfast/demo"
 
 def engine_options(model: bool = True) -> argparse.ArgumentParser:
     """The options that choose the model, the engine, the tissue and what is run (score, demo, watch)."""
-    run = argparse.ArgumentParser(add_help=False)
+    run = argparse.ArgumentParser(add_help=False, parents=[grid_options()])
     if model:
         run.add_argument("--model", type=Path, metavar="BUNDLE",
                          help="model bundle directory (default: the bundled, untrained demo model)")
@@ -57,13 +57,6 @@ def engine_options(model: bool = True) -> argparse.ArgumentParser:
                      help="tile-reading threads (default 2)")
     run.add_argument("--stain-norm", choices=STAIN_METHODS, default="none",
                      help="stain normalisation in the readers (default none: HEX was trained without it)")
-    run.add_argument("--stride", type=positive_int, metavar="PX",
-                     help="level-0 px between tiles (default: the tile size, no overlap)")
-    run.add_argument("--min-tissue", type=fraction, default=DEFAULT_MIN_TISSUE, metavar="F",
-                     help=f"score tiles at least this fraction tissue (default {DEFAULT_MIN_TISSUE})")
-    run.add_argument("--saturation-threshold", type=saturation_threshold, default="auto", metavar="auto|otsu|N",
-                     help="HSV saturation above which a pixel is tissue: auto (default) is Otsu clamped to [8, 20], "
-                          "otsu is plain Otsu, N a fixed value (CLAM uses 8)")
     run.add_argument("--no-mica", action="store_true",
                      help="run HEX only: no MICA risk, no MICA bag (faster when only the markers are wanted)")
     run.add_argument("--outputs", type=outputs_list, default=OUTPUTS, metavar="LIST",

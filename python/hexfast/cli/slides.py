@@ -23,28 +23,11 @@ def add_slide_commands(sub, common: argparse.ArgumentParser, mpp: argparse.Argum
 
     tiles = sub.add_parser(
         "tiles",
-        parents=[common, mpp],
+        parents=[common, mpp, grid_options()],
         help="detect tissue and write the tile grid (<stem>.h5) and a check image (<stem>.tissue.png)",
     )
     tiles.add_argument("slides", nargs="+", type=Path, metavar="SLIDE")
     tiles.add_argument("-o", "--out", type=Path, required=True, help="output directory")
-    tiles.add_argument(
-        "--stride", type=positive_int, help="level-0 px between tiles (default: the tile size, no overlap)"
-    )
-    tiles.add_argument(
-        "--min-tissue",
-        type=fraction,
-        default=DEFAULT_MIN_TISSUE,
-        help=f"keep tiles at least this fraction tissue (default {DEFAULT_MIN_TISSUE})",
-    )
-    tiles.add_argument(
-        "--saturation-threshold",
-        type=saturation_threshold,
-        default="auto",
-        metavar="auto|otsu|N",
-        help="HSV saturation above which a pixel is tissue: auto (default) is Otsu clamped to [8, 20], "
-        "otsu is plain Otsu, N a fixed value (CLAM uses 8)",
-    )
     tiles.add_argument("--allow-non-brightfield", action="store_true",
                        help="tile a slide whose dark background says it is not brightfield H&E (fluorescence)")
     tiles.add_argument("--max-tiles", type=positive_int, default=DEFAULT_MAX_TILES, metavar="N",
@@ -113,6 +96,19 @@ def cmd_info(args) -> int:
         )
 
     return for_each_slide(args, work)
+
+
+def grid_options() -> argparse.ArgumentParser:
+    """Which tiles are taken (tiles, score, demo, watch): stride and the tissue detection."""
+    grid = argparse.ArgumentParser(add_help=False)
+    grid.add_argument("--stride", type=positive_int, metavar="PX",
+                      help="level-0 px between tiles (default: the tile size, no overlap)")
+    grid.add_argument("--min-tissue", type=fraction, default=DEFAULT_MIN_TISSUE, metavar="F",
+                      help=f"take tiles at least this fraction tissue (default {DEFAULT_MIN_TISSUE})")
+    grid.add_argument("--saturation-threshold", type=saturation_threshold, default="auto", metavar="auto|otsu|N",
+                      help="HSV saturation above which a pixel is tissue: auto (default) is Otsu clamped to "
+                           "[8, 20], otsu is plain Otsu, N a fixed value (CLAM uses 8)")
+    return grid
 
 
 def tissue_params(threshold: int | str | None) -> TissueParams:

@@ -105,34 +105,31 @@ def _dry_run(inbox: Path, out: Path, settle: float) -> int:
 
     if not inbox.is_dir():
         raise HexfastError(f"{inbox}: not a directory to watch")
-    known = {}
+    by_source = {}
     if (out / JOURNAL).is_file():
         journal = Journal(out, read_only=True)
         try:
-            known = {(e.source, e.state): e for e in journal.entries()}
+            by_source = {e.source: e for e in journal.entries()}
         finally:
             journal.close()
-    by_source = {source: e for (source, _), e in known.items()}
     counts: dict[str, int] = {}
     for c in scan(inbox):
-        source = str(c.path.resolve())
-        entry = by_source.get(source)
+        entry = by_source.get(str(c.path.resolve()))
         age = time.time() - c.mtime_ns / 1e9
         if entry is not None and entry.state == "done":
-            what = f"done before -> {out / entry.name}"
+            kind, detail = "done before", f" -> {out / entry.name}"
         elif entry is not None and entry.state == "failed":
-            what = f"quarantined: {entry.reason} (--retry-failed queues it again)"
+            kind, detail = "quarantined", f": {entry.reason} (--retry-failed queues it again)"
         elif entry is not None:
-            what = f"{entry.state} in the journal: scored next"
+            kind, detail = f"{entry.state} in the journal", ": scored next"
         elif not c.complete:
-            what = f"incomplete: {c.why}"
+            kind, detail = "incomplete", f": {c.why}"
         elif age < settle:
-            what = f"still landing: modified {age:.0f} s ago; taken once unchanged for {settle:g} s"
+            kind, detail = "still landing", f": modified {age:.0f} s ago; taken once unchanged for {settle:g} s"
         else:
-            what = f"would score ({c.size / 1e6:.1f} MB)"
-        key = what.split(":")[0].split(" (")[0].split(" ->")[0]
-        counts[key] = counts.get(key, 0) + 1
-        console.out(f"{c.path}: {what}")
+            kind, detail = "would score", f" ({c.size / 1e6:.1f} MB)"
+        counts[kind] = counts.get(kind, 0) + 1
+        console.out(f"{c.path}: {kind}{detail}")
     console.note("dry run: " + (", ".join(f"{n} {k}" for k, n in counts.items()) or f"no slides in {inbox}")
                  + "; nothing was scored or written")
     return 0

@@ -252,7 +252,7 @@ class SlideWriter:
         report = build_report(
             slide, grid, seconds=stages, backend=self.backend, bundle_hash=bundle.hash, demo=bundle.demo,
             bundle_manifest=bundle.manifest, mica=shortened(mica), started_at=self.started_at, tile_count=len(coords),
-            skipped=skipped, hex_tiles_per_s=hex_tiles_per_s, settings=resolved_settings(self.settings, (slide, grid)),
+            skipped=skipped, hex_tiles_per_s=hex_tiles_per_s, settings=resolved_settings(self.settings, grid.stride, slide.mpp),
             outputs={k: v.name for k, v in written.items() if k != "report"},
             extra=self._described() or None,
         )
@@ -359,21 +359,21 @@ def shortened(mica: Mapping | None) -> dict | None:
     return dict(mica) | {"most_attended": short}
 
 
-def resolved_settings(settings: Mapping, slide) -> dict:
+def resolved_settings(settings: Mapping, stride, mpp) -> dict:
     """`settings` with the slide's own values for those left to it (stride None: the tile size; MPP None:
-    the file's), as report.json records them. `slide`: the Slide and its grid, or a report's "slide" entry."""
-    if isinstance(slide, Mapping):  # stride None is the tile size; MPP None the file's own, not an --mpp
-        stride = slide.get("tile_size_level0")
-        mpp = slide.get("mpp") if slide.get("mpp_source") != "--mpp" else "the file's"
-    else:
-        slide, grid = slide
-        stride, mpp = grid.stride, slide.mpp
+    the file's), as report.json records them."""
     out = dict(settings)
     if out.get("stride") is None:
         out["stride"] = stride
     if out.get("mpp") is None:
         out["mpp"] = mpp
     return out
+
+
+def _own_values(slide: Mapping) -> tuple:
+    """(stride, MPP) a run without --stride / --mpp gets, from a report's "slide": the tile size, and the
+    file's MPP (none known when that run had an --mpp)."""
+    return slide.get("tile_size_level0"), slide.get("mpp") if slide.get("mpp_source") != "--mpp" else "the file's"
 
 
 def drop_partial(out_dir: Path, stem: str) -> None:
@@ -409,7 +409,7 @@ def outputs_complete(out_dir: Path, stem: str, bundle_hash: str | None = None,
         if bundle_hash is not None and report["bundle"]["hash"] != bundle_hash:
             return False
         if settings is not None and report.get("settings") != json.loads(json.dumps(
-                resolved_settings(settings, report["slide"]))):
+                resolved_settings(settings, *_own_values(report["slide"])))):
             return False
         with h5py.File(paths.h5, "r") as f:
             coords, pred = f["coords"], f["codex_prediction"]
